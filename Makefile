@@ -1,0 +1,30 @@
+# make demo: set up everything, then run the pipeline on the `small` preset.
+# make test: set up if needed, then run the test suite.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+PRESET ?= small
+
+.PHONY: demo test venv clean bench
+
+venv: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[dev]'
+	touch $@
+
+demo: venv
+	PATH=$(CURDIR)/$(VENV)/bin:$$PATH $(PY) -m mome_ray.cli pipeline --config configs/$(PRESET).yaml
+
+# pytest exits 5 when it collected no test: that is a failure, said out loud.
+test: venv
+	PATH=$(CURDIR)/$(VENV)/bin:$$PATH $(PY) -m pytest -q $(PYTEST_ARGS); rc=$$?; \
+	if [ $$rc -eq 5 ]; then echo "make test: pytest collected no tests" >&2; fi; exit $$rc
+
+bench: venv
+	$(PY) benchmarks/train_throughput.py
+
+clean:
+	rm -rf runs .pytest_cache

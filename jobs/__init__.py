@@ -1,0 +1,1 @@
+"""Thin Ray job entry points: `python -m jobs.X --config ...`; the work is in mome_ray."""

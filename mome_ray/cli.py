@@ -1,0 +1,69 @@
+"""`mome`: every pipeline stage as a subcommand.
+
+    mome corpus fetch --config configs/small.yaml
+    mome corpus build --config configs/small.yaml
+    mome tokenizer    --config configs/small.yaml
+    mome teacher      --config configs/small.yaml teacher.train.max_steps=100
+    mome pipeline     --config configs/small.yaml
+
+Trailing `a.b=c` arguments override the config. Connects to RAY_ADDRESS when set, else starts a local
+Ray cluster on 127.0.0.1. A user mistake prints one clear line and exits 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from mome_ray.errors import MomeError
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="mome", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="cmd", required=True, metavar="STAGE")
+
+    def stage(name: str, help: str) -> argparse.ArgumentParser:
+        s = sub.add_parser(name, help=help, description=help)
+        s.add_argument("--config", "-c", help="YAML preset (configs/tiny.yaml, small.yaml, paper.yaml)")
+        s.add_argument("overrides", nargs="*", metavar="key.path=value", help="config overrides")
+        return s
+
+    corpus = sub.add_parser("corpus", help="fetch real text and build the balanced corpus")
+    csub = corpus.add_subparsers(dest="action", required=True, metavar="ACTION")
+    for name, help in (("fetch", "download the Debian packages the sources need into the cache"),
+                       ("build", "extract, clean, balance and split the corpus into RUN_DIR/corpus")):
+        s = csub.add_parser(name, help=help, description=help)
+        s.add_argument("--config", "-c")
+        s.add_argument("overrides", nargs="*", metavar="key.path=value")
+    stage("tokenizer", "train the byte-level BPE tokenizer on all languages into RUN_DIR/tokenizer")
+    t = stage("teacher", "train the GPT-2 teacher with Ray Train (DDP) into RUN_DIR/teacher")
+    t.add_argument("--fresh", action="store_true", help="ignore an interrupted run's checkpoints")
+    pl = stage("pipeline", "run every stage in order, skipping the ones already up to date")
+    pl.add_argument("--force", action="store_true", help="re-run every stage")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        from mome_ray import stages
+        from mome_ray.settings import load_settings
+
+        cfg = load_settings(args.config, args.overrides)
+        if args.cmd == "corpus":
+            stages.fetch(cfg) if args.action == "fetch" else stages.corpus(cfg)
+        elif args.cmd == "tokenizer":
+            stages.tokenizer(cfg)
+        elif args.cmd == "teacher":
+            stages.teacher(cfg, fresh=args.fresh)
+        elif args.cmd == "pipeline":
+            stages.run_pipeline(cfg, force=args.force)
+    except MomeError as e:
+        print(f"mome {args.cmd}: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,75 @@
+"""Where jobs run: connect to `RAY_ADDRESS` when set, else start a local Ray cluster on loopback.
+
+Ray listens on every interface by default; `RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0` made every Ray
+listener bind 127.0.0.1 on these machines (DESIGN.md). Env vars are set before Ray starts so the raylet
+and all workers inherit them.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from mome_ray.errors import MomeError
+
+LOCAL_ENV = {
+    "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
+    "RAY_USAGE_STATS_ENABLED": "0",
+    "HF_HUB_OFFLINE": "1",
+    "TOKENIZERS_PARALLELISM": "false",
+    "RAY_TRAIN_ENABLE_V2_MIGRATION_WARNINGS": "0",
+}
+
+
+@dataclass
+class ScalingArgs:
+    num_workers: int = 2  # Ray Train workers (DDP ranks)
+    cpus_per_worker: float = 1.0  # also the torch thread count of each worker
+    use_gpu: bool = False  # one GPU per worker; DDP over nccl instead of gloo
+
+    def __post_init__(self):
+        if self.num_workers < 1 or self.cpus_per_worker <= 0:
+            raise MomeError("scaling.num_workers must be >= 1 and scaling.cpus_per_worker > 0")
+
+    def ray(self):
+        from ray.train import ScalingConfig
+
+        return ScalingConfig(num_workers=self.num_workers, use_gpu=self.use_gpu,
+                             resources_per_worker={"CPU": self.cpus_per_worker, **({"GPU": 1} if self.use_gpu else {})})
+
+
+@dataclass
+class RayConfig:
+    storage_path: str = ""  # checkpoints and Train results; "" = RUN_DIR/ray_results. Use s3:// or NFS on a cluster
+    max_failures: int = 2  # a dead worker restarts the run from its last checkpoint this many times
+    num_cpus: int = 0  # CPUs of a local cluster (0 = all)
+
+
+def init_ray(cfg: RayConfig | None = None, temp_dir: str | None = None) -> None:
+    """Connect to the cluster at RAY_ADDRESS, or start a local one bound to 127.0.0.1."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    for k, v in LOCAL_ENV.items():
+        os.environ.setdefault(k, v)
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init(log_to_driver=True)
+        return
+    ray.init(
+        num_cpus=(cfg.num_cpus or None) if cfg else None,
+        include_dashboard=False,
+        _node_ip_address="127.0.0.1",
+        _temp_dir=temp_dir,
+    )
+
+
+def storage_path(cfg: RayConfig, run_dir: Path) -> str:
+    return cfg.storage_path or str((Path(run_dir) / "ray_results").resolve())
+
+
+def cluster_cpus() -> float:
+    import ray
+
+    return ray.cluster_resources().get("CPU", 0.0)

@@ -1,0 +1,31 @@
+"""The whole run's configuration, composed from each module's own config dataclass.
+
+    cfg = load_settings("configs/small.yaml", ["teacher.train.max_steps=50"])
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from mome_ray.cluster import RayConfig
+from mome_ray.config import apply_overrides, from_dict, load_yaml
+from mome_ray.corpus.build import CorpusConfig
+from mome_ray.teacher import TeacherConfig
+from mome_ray.tokenizer import TokenizerConfig
+
+
+@dataclass
+class Settings:
+    run_dir: str = "runs/default"  # every stage writes RUN_DIR/<stage>/
+    seed: int = 0
+    langs: list[str] = field(default_factory=lambda: ["en", "fr", "de", "py"])  # language codes, in order
+    corpus: CorpusConfig = field(default_factory=CorpusConfig)
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    ray: RayConfig = field(default_factory=RayConfig)
+
+
+def load_settings(path: str | None, overrides: list[str] = ()) -> Settings:
+    """Defaults <- YAML file (if any) <- `a.b=c` overrides; unknown keys are an error naming the key."""
+    data = load_yaml(path) if path else {}
+    return from_dict(Settings, apply_overrides(data, list(overrides)), where="")

@@ -1,0 +1,134 @@
+"""The pipeline's stages: each reads its parents through `meta.json` and writes RUN_DIR/<stage>/.
+
+A stage is skipped by `run_pipeline` when its artifact was made with the same config from the same
+parents. Ray is started only by the stages that need it.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+
+from mome_ray.artifacts import is_complete, read_meta, stage_writer, write_meta
+from mome_ray.cluster import init_ray
+from mome_ray.config import to_dict
+from mome_ray.corpus.build import SPLITS, build_corpus, corpus_sources, print_balance
+from mome_ray.corpus.fetch import fetch_packages
+from mome_ray.langs import resolve_langs
+from mome_ray.settings import Settings
+from mome_ray.training import perplexity
+
+
+def stage_config(cfg: Settings, stage: str) -> dict:
+    """The part of the config a stage depends on (a change re-runs it)."""
+    section = {"corpus": "corpus", "tokenizer": "tokenizer", "teacher": "teacher"}[stage]
+    return {"langs": cfg.langs, "seed": cfg.seed, section: to_dict(getattr(cfg, section))}
+
+
+def parent_stamps(run_dir: Path, parents: list[str]) -> dict[str, str]:
+    return {p: read_meta(run_dir, p)["created"] for p in parents}
+
+
+def fetch(cfg: Settings, log=print) -> dict[str, str]:
+    """Download and unpack the Debian packages the configured sources need."""
+    langs = resolve_langs(cfg.langs, cfg.corpus.code_langs, cfg.corpus.stopwords)
+    packages = sorted({p for s in corpus_sources(cfg.corpus, langs) for p in s.packages})
+    if not packages:
+        log("no Debian packages needed by these sources")
+        return {}
+    return fetch_packages(packages, Path(cfg.corpus.cache_dir))
+
+
+def _quiet_datasets() -> None:
+    import datasets
+
+    datasets.disable_progress_bars()
+
+
+def corpus(cfg: Settings, log=print) -> dict:
+    _quiet_datasets()
+    run_dir = Path(cfg.run_dir)
+    t0 = time.perf_counter()
+    with stage_writer(run_dir, "corpus") as out:
+        manifest = build_corpus(cfg.corpus, cfg.langs, cfg.seed, out, log=log)
+        (out / "manifest.json").write_text(json.dumps(manifest, indent=2, ensure_ascii=False))
+        metrics = {"seconds": round(time.perf_counter() - t0, 1),
+                   "max_over_min": {s: manifest["splits"][s]["max_over_min"] for s in SPLITS}}
+        meta = write_meta(out, "corpus", stage_config(cfg, "corpus"), metrics, {}, cfg.seed)
+    print_balance(manifest, log)
+    return meta
+
+
+def tokenizer(cfg: Settings, log=print) -> dict:
+    from datasets import load_from_disk
+
+    from mome_ray.tokenizer import encode_stream, token_path, train_tokenizer
+
+    _quiet_datasets()
+    run_dir = Path(cfg.run_dir)
+    parents = parent_stamps(run_dir, ["corpus"])
+    data = load_from_disk(str(run_dir / "corpus" / "data"))
+    t0 = time.perf_counter()
+    with stage_writer(run_dir, "tokenizer") as out:
+        log(f"training byte-level BPE ({cfg.tokenizer.vocab_size} tokens) on {len(data['train'])} documents ...")
+        tok = train_tokenizer((t for t in data["train"]["text"]), cfg.tokenizer)
+        tok.save_pretrained(str(out))
+        counts: dict[str, dict[str, int]] = {}
+        for split in SPLITS:
+            counts[split] = {}
+            for lang in cfg.langs:
+                texts = list(data[split].filter(lambda r: r["lang"] == lang)["text"])
+                stream = encode_stream(tok, texts)
+                path = token_path(out, split, lang)
+                path.parent.mkdir(parents=True, exist_ok=True)
+                np.save(path, stream)
+                counts[split][lang] = int(len(stream))
+        metrics = {"vocab_size": len(tok), "bpe_tokens": counts, "seconds": round(time.perf_counter() - t0, 1)}
+        meta = write_meta(out, "tokenizer", stage_config(cfg, "tokenizer"), metrics, parents, cfg.seed)
+    log(f"vocab {len(tok)}; BPE tokens per language (train): "
+        + ", ".join(f"{lang} {n:,}" for lang, n in counts["train"].items()))
+    return meta
+
+
+def teacher(cfg: Settings, fresh: bool = False, log=print) -> dict:
+    from mome_ray.teacher import train_teacher
+
+    run_dir = Path(cfg.run_dir)
+    parents = parent_stamps(run_dir, ["tokenizer"])
+    init_ray(cfg.ray)
+    with stage_writer(run_dir, "teacher") as out:
+        metrics = train_teacher(cfg.teacher, cfg.langs, run_dir / "tokenizer", cfg.ray, run_dir, cfg.seed, out,
+                                fresh=fresh)
+        meta = write_meta(out, "teacher", stage_config(cfg, "teacher"), metrics, parents, cfg.seed)
+    print_perplexity_table(metrics, cfg.langs, log)
+    return meta
+
+
+def print_perplexity_table(metrics: dict, langs: list[str], log=print) -> None:
+    """Per-language validation perplexity: untrained model vs trained."""
+    before, after = metrics["untrained"], metrics["final"]
+    log(f"\n{'lang':<6}{'untrained ppl':>15}{'teacher ppl':>14}")
+    for lang in langs:
+        log(f"{lang:<6}{before[f'val_ppl/{lang}']:>15,.1f}{after[f'val_ppl/{lang}']:>14,.2f}")
+    log(f"{'mean':<6}{perplexity(before['val_loss']):>15,.1f}{perplexity(after['val_loss']):>14,.2f}")
+
+
+STAGES = {"corpus": (corpus, []), "tokenizer": (tokenizer, ["corpus"]), "teacher": (teacher, ["tokenizer"])}
+
+
+def run_pipeline(cfg: Settings, force: bool = False, log=print) -> None:
+    """Every stage in order; a stage whose artifact matches its config and parents is skipped."""
+    run_dir = Path(cfg.run_dir)
+    if not cfg.corpus.user_dir:
+        fetch(cfg, log)
+    for name, (fn, parents) in STAGES.items():
+        done = is_complete(run_dir, name, stage_config(cfg, name))
+        if done and not force and read_meta(run_dir, name)["parents"] == parent_stamps(run_dir, parents):
+            log(f"== {name}: up to date in {run_dir / name}, skipped")
+            continue
+        log(f"== {name}")
+        fn(cfg, log=log)
+    log(f"\nrun directory: {run_dir.resolve()}")

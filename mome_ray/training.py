@@ -1,0 +1,154 @@
+"""Pieces every training loop shares: optimizer, schedule, one step, per-language eval, progress, state.
+
+The loops themselves (`teacher.py`, ...) read top to bottom; these are the parts that must not be
+written twice. Nothing here imports Ray: eval all-reduces through `torch.distributed` when it is up.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from mome_ray.errors import MomeError
+
+
+@dataclass
+class TrainConfig:
+    batch_size: int = 16  # sequences per worker per step; a multiple of the number of languages
+    max_steps: int = 500  # optimizer steps
+    lr: float = 1e-3  # the paper: 5e-5 for its 0.34B teacher; small models train faster with more
+    warmup_frac: float = 0.05  # linear warmup over this share of steps, then linear decay to 0
+    weight_decay: float = 0.05
+    grad_clip: float = 1.0
+    eval_every: int = 100  # steps between validation runs (and checkpoints)
+    eval_blocks: int = 64  # validation blocks per language
+    log_every: int = 20  # steps between progress lines
+    keep_checkpoints: int = 2
+    bf16: bool = True  # autocast to bfloat16 on GPU (ignored on CPU)
+
+    def __post_init__(self):
+        for name in ("batch_size", "max_steps", "eval_every", "eval_blocks", "log_every"):
+            if getattr(self, name) < 1:
+                raise MomeError(f"train.{name} must be at least 1, got {getattr(self, name)}")
+
+
+def build_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    """AdamW; no weight decay on biases, LayerNorm weights and embeddings' 1-D params."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    decay = [p for p in params if p.dim() >= 2]
+    no_decay = [p for p in params if p.dim() < 2]
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.95))
+
+
+def build_schedule(opt: torch.optim.Optimizer, cfg: TrainConfig) -> torch.optim.lr_scheduler.LambdaLR:
+    warmup = max(1, int(cfg.warmup_frac * cfg.max_steps))
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        return max(0.0, (cfg.max_steps - step) / max(1, cfg.max_steps - warmup))
+
+    return torch.optim.lr_scheduler.LambdaLR(opt, factor)
+
+
+def lm_loss(logits: torch.Tensor, ids: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+    """Next-token cross-entropy of (B, T, V) logits on (B, T) ids, in float32."""
+    return F.cross_entropy(
+        logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten(), reduction=reduction
+    )
+
+
+def clip_and_step(model, opt, sched, grad_clip: float) -> float:
+    """Clip gradients, step optimizer and schedule, zero grads; returns the pre-clip grad norm."""
+    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    opt.step()
+    sched.step()
+    opt.zero_grad(set_to_none=True)
+    return float(norm)
+
+
+def autocast(device: torch.device, bf16: bool):
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16 and device.type == "cuda")
+
+
+@torch.no_grad()
+def evaluate(model, blocks_by_lang: dict[str, "np.ndarray"], device, batch_size: int, bf16: bool) -> dict[str, float]:
+    """Mean next-token loss per language over this rank's eval blocks, summed across ranks."""
+    was_training = model.training
+    model.eval()
+    out = {}
+    for lang, blocks in blocks_by_lang.items():
+        total = torch.zeros(2, dtype=torch.float64, device=device)  # (loss sum, token count)
+        for i in range(0, len(blocks), batch_size):
+            ids = torch.from_numpy(blocks[i : i + batch_size].astype("int64")).to(device)
+            with autocast(device, bf16):
+                logits = model(input_ids=ids).logits
+            total[0] += lm_loss(logits, ids, reduction="sum").double()
+            total[1] += ids[:, 1:].numel()
+        if dist.is_available() and dist.is_initialized():
+            dist.all_reduce(total)
+        out[lang] = float(total[0] / total[1].clamp(min=1))
+    model.train(was_training)
+    return out
+
+
+def perplexity(loss: float) -> float:
+    return math.exp(min(loss, 50.0))
+
+
+class Progress:
+    """Prints `step i/n, loss, tokens/s, ETA` lines; tokens/s counts training time only."""
+
+    def __init__(self, name: str, total: int, start: int, tokens_per_step: int, every: int, enabled: bool = True):
+        self.name, self.total, self.start, self.every, self.enabled = name, total, start, every, enabled
+        self.tokens_per_step = tokens_per_step
+        self.train_seconds = 0.0
+        self.steps_timed = 0
+        self._t = None
+
+    def tick(self) -> None:
+        self._t = time.perf_counter()
+
+    def tock(self, step: int, values: dict[str, float]) -> None:
+        self.train_seconds += time.perf_counter() - self._t
+        self.steps_timed += 1
+        if self.enabled and ((step + 1) % self.every == 0 or step + 1 == self.total):
+            sps = self.steps_timed / max(self.train_seconds, 1e-9)
+            eta = (self.total - step - 1) / max(sps, 1e-9)
+            vals = "  ".join(f"{k} {v:.4f}" for k, v in values.items())
+            print(f"[{self.name}] step {step + 1}/{self.total}  {vals}  "
+                  f"{self.tokens_per_s:,.0f} tok/s  ETA {eta // 60:.0f}m{eta % 60:02.0f}s", flush=True)
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.steps_timed * self.tokens_per_step / max(self.train_seconds, 1e-9)
+
+
+def quiet_worker() -> None:
+    """Silence per-report INFO lines and save progress bars in training workers; our progress lines remain."""
+    import logging
+
+    import transformers
+
+    logging.getLogger("ray.train").setLevel(logging.WARNING)
+    transformers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.set_verbosity_error()
+
+
+def save_state(path: Path, opt, sched, step: int, history: list[dict]) -> None:
+    torch.save({"optimizer": opt.state_dict(), "schedule": sched.state_dict(), "step": step, "history": history},
+               Path(path) / "train_state.pt")
+
+
+def load_state(path: Path, opt, sched) -> tuple[int, list[dict]]:
+    state = torch.load(Path(path) / "train_state.pt", weights_only=True)
+    opt.load_state_dict(state["optimizer"])
+    sched.load_state_dict(state["schedule"])
+    return state["step"], state["history"]

@@ -1,0 +1,147 @@
+"""Shared fixtures: one real Ray head on loopback for the whole session, and an in-test corpus.
+
+The Ray head is started with `ray start --head` on 127.0.0.1 (the same kind of cluster `ray job submit`
+talks to); tests connect to it as drivers. Starting Ray costs ~5-10 s, so it happens once.
+The corpus is text written here (en/fr/de sentences recombined into unique lines) plus real Python files
+from the interpreter's stdlib: tests never touch the network or the fetched Debian cache.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import shutil
+import socket
+import subprocess
+import sys
+import sysconfig
+import tempfile
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+RAY_ENV = {
+    "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
+    "RAY_USAGE_STATS_ENABLED": "0",
+    "RAY_AUTH_MODE": "disabled",  # local tests only
+    "HF_HUB_OFFLINE": "1",
+    "TOKENIZERS_PARALLELISM": "false",
+    "RAY_TRAIN_ENABLE_V2_MIGRATION_WARNINGS": "0",
+}
+
+SENTENCES = {
+    "en": [
+        "The river runs through the old town and the market is on the left bank",
+        "She said that the train to the coast was late again this morning",
+        "It is not easy to keep a garden when the summer is this dry",
+        "They have built a new bridge over the river for the people of the valley",
+        "We should read the letter before we answer the questions in it",
+        "He found the key under the stone that was next to the door",
+        "The children were playing in the park when the rain began to fall",
+        "This book is about the history of the ships that sailed from the north",
+        "You can use the tool to cut the wood into smaller pieces",
+        "There is a small shop at the end of the street that sells bread",
+        "The teacher asked the class to write a short story about their holidays",
+        "All of the lights in the house were on when we came back",
+    ],
+    "fr": [
+        "La rivière traverse la vieille ville et le marché est sur la rive gauche",
+        "Elle a dit que le train pour la côte était encore en retard ce matin",
+        "Il est difficile de garder un jardin quand l'été est aussi sec",
+        "Ils ont construit un nouveau pont sur la rivière pour les gens de la vallée",
+        "Nous devons lire la lettre avant de répondre aux questions qu'elle pose",
+        "Il a trouvé la clé sous la pierre qui était à côté de la porte",
+        "Les enfants jouaient dans le parc quand la pluie a commencé à tomber",
+        "Ce livre parle de l'histoire des navires qui partaient du nord",
+        "Vous pouvez utiliser cet outil pour couper le bois en petits morceaux",
+        "Il y a une petite boutique au bout de la rue qui vend du pain",
+        "Le professeur a demandé à la classe d'écrire une histoire sur les vacances",
+        "Toutes les lumières de la maison étaient allumées quand nous sommes rentrés",
+    ],
+    "de": [
+        "Der Fluss fließt durch die alte Stadt und der Markt ist auf dem linken Ufer",
+        "Sie sagte, dass der Zug an die Küste heute Morgen wieder zu spät war",
+        "Es ist nicht leicht, einen Garten zu pflegen, wenn der Sommer so trocken ist",
+        "Sie haben eine neue Brücke über den Fluss für die Menschen im Tal gebaut",
+        "Wir sollten den Brief lesen, bevor wir auf die Fragen darin antworten",
+        "Er hat den Schlüssel unter dem Stein neben der Tür gefunden",
+        "Die Kinder spielten im Park, als der Regen zu fallen begann",
+        "Dieses Buch handelt von der Geschichte der Schiffe, die aus dem Norden kamen",
+        "Mit dem Werkzeug kann man das Holz in kleinere Stücke schneiden",
+        "Am Ende der Straße gibt es einen kleinen Laden, der Brot verkauft",
+        "Der Lehrer bat die Klasse, eine kurze Geschichte über die Ferien zu schreiben",
+        "Alle Lichter im Haus waren an, als wir zurück kamen",
+    ],
+}
+
+STDLIB_FILES = ["textwrap.py", "shlex.py", "fnmatch.py", "glob.py", "bisect.py", "colorsys.py", "keyword.py",
+                "netrc.py", "sched.py", "graphlib.py", "numbers.py", "reprlib.py", "calendar.py", "heapq.py",
+                "difflib.py", "string.py", "queue.py", "cmd.py", "codeop.py", "getopt.py", "pprint.py",
+                "locale.py", "tabnanny.py", "abc.py", "operator.py", "dataclasses.py", "random.py", "statistics.py"]
+
+
+def write_corpus(root: Path, docs_per_lang: int = 60, seed: int = 0) -> Path:
+    """DIR/<lang>/*.txt (documents separated by blank lines) and DIR/py/*.py from the stdlib."""
+    rng = random.Random(seed)
+    for lang, pool in SENTENCES.items():
+        (root / lang).mkdir(parents=True, exist_ok=True)
+        docs = []
+        for d in range(docs_per_lang):
+            lines = [", ".join(rng.sample(pool, 2)) + f" ({d}.{i})." for i in range(6)]
+            docs.append("\n".join(lines))
+        (root / lang / "docs.txt").write_text("\n\n".join(docs) + "\n")
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    (root / "py").mkdir(parents=True, exist_ok=True)
+    for name in STDLIB_FILES:
+        shutil.copy(stdlib / name, root / "py" / name)
+    return root
+
+
+@pytest.fixture(scope="session")
+def corpus_dir(tmp_path_factory) -> Path:
+    return write_corpus(tmp_path_factory.mktemp("corpus"))
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def ray_head():
+    """A real head started with `ray start --head` on 127.0.0.1; yields its addresses."""
+    temp_dir = tempfile.mkdtemp(prefix="mr", dir="/tmp")  # short: Ray's socket paths have a length limit
+    port, dash = _free_port(), _free_port()
+    env = {**os.environ, **RAY_ENV, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    os.environ.update(RAY_ENV)
+    cmd = [str(Path(sys.executable).parent / "ray"), "start", "--head", "--node-ip-address=127.0.0.1",
+           f"--port={port}", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", f"--temp-dir={temp_dir}",
+           "--num-cpus=2", "--include-dashboard=true", "--disable-usage-stats"]
+    subprocess.run(cmd, check=True, env=env, capture_output=True)
+    import ray
+
+    address = f"127.0.0.1:{port}"
+    ray.init(address=address)
+    yield {"address": address, "dashboard": f"http://127.0.0.1:{dash}", "temp_dir": temp_dir, "env": env}
+    ray.shutdown()
+    subprocess.run([str(Path(sys.executable).parent / "ray"), "stop", "--force"], env=env, capture_output=True)
+    shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+def tiny_overrides(run_dir: Path, corpus_dir: Path, *extra: str) -> list[str]:
+    return [f"run_dir={run_dir}", f"corpus.user_dir={corpus_dir}", *extra]
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenized(tmp_path_factory, corpus_dir):
+    """A run dir with corpus + tokenizer stages done on the tiny preset (shared by several tests)."""
+    from mome_ray import stages
+    from mome_ray.settings import load_settings
+
+    run_dir = tmp_path_factory.mktemp("run")
+    cfg = load_settings(str(ROOT / "configs/tiny.yaml"), tiny_overrides(run_dir, corpus_dir))
+    stages.corpus(cfg, log=lambda *a: None)
+    stages.tokenizer(cfg, log=lambda *a: None)
+    return cfg
