@@ -73,3 +73,17 @@ def cluster_cpus() -> float:
     import ray
 
     return ray.cluster_resources().get("CPU", 0.0)
+
+
+def quiet_worker() -> None:
+    """Silence per-report INFO lines and save progress bars in training workers; our progress lines remain."""
+    import logging
+
+    import transformers
+    from ray.train.v2._internal.execution import context, storage
+
+    # Train V2 logs every report at INFO through loggers named by file path (Ray 2.60): mute those two.
+    context.logger.setLevel(logging.WARNING)
+    storage.logger.setLevel(logging.WARNING)
+    transformers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.set_verbosity_error()

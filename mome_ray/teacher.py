@@ -18,14 +18,14 @@ from pathlib import Path
 
 import torch
 
-from mome_ray.cluster import RayConfig, ScalingArgs, storage_path
+from mome_ray.cluster import RayConfig, ScalingArgs, quiet_worker, storage_path
 from mome_ray.config import from_dict, to_dict
 from mome_ray.data import BalancedBatches, eval_blocks, load_blocks
 from mome_ray.errors import MomeError
 from mome_ray.models import ModelConfig, build_gpt2, n_params
 from mome_ray.tokenizer import load_tokenizer
 from mome_ray.training import (Progress, TrainConfig, autocast, build_optimizer, build_schedule, clip_and_step,
-                               evaluate, lm_loss, load_state, perplexity, quiet_worker, save_state)
+                               evaluate, lm_loss, load_state, perplexity, save_state)
 
 
 @dataclass

@@ -131,17 +131,6 @@ class Progress:
         return self.steps_timed * self.tokens_per_step / max(self.train_seconds, 1e-9)
 
 
-def quiet_worker() -> None:
-    """Silence per-report INFO lines and save progress bars in training workers; our progress lines remain."""
-    import logging
-
-    import transformers
-
-    logging.getLogger("ray.train").setLevel(logging.WARNING)
-    transformers.utils.logging.disable_progress_bar()
-    transformers.utils.logging.set_verbosity_error()
-
-
 def save_state(path: Path, opt, sched, step: int, history: list[dict]) -> None:
     torch.save({"optimizer": opt.state_dict(), "schedule": sched.state_dict(), "step": step, "history": history},
                Path(path) / "train_state.pt")

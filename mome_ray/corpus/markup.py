@@ -57,9 +57,17 @@ def is_so_alias(roff: bytes) -> bool:
 def render_man(roff: bytes) -> list[str]:
     """Render a man page with groff; return its paragraphs, header and footer lines dropped."""
     out = subprocess.run(GROFF, input=roff, capture_output=True).stdout.decode("utf-8", "replace")
-    lines = [line.rstrip() for line in out.splitlines()]
-    lines = [line for line in lines if line.strip()][1:-1]  # header "LS(1) ... LS(1)" and footer
+    lines = [line.rstrip() for line in out.splitlines() if line.strip()]
+    # The title lines ("LS(1)   User Commands   LS(1)" and the footer) are spread over the whole
+    # line length; mdoc pages rendered continuously have none.
+    if lines and _TITLE_LINE.match(lines[0]):
+        lines = lines[1:]
+    if lines and _TITLE_LINE.match(lines[-1]):
+        lines = lines[:-1]
     return unwrap_man(lines)
+
+
+_TITLE_LINE = re.compile(r"(.*\S)? {40,}\S")  # a gap no indentation reaches
 
 
 def unwrap_man(lines: list[str]) -> list[str]:
@@ -140,7 +148,7 @@ def _mallard_walk(el: ET.Element, lines: list[str]) -> None:
     if tag in _MALLARD_SKIP:
         return
     if tag in _MALLARD_LINE:
-        lines.append(_inline_text(el))
+        lines.append(re.sub(r"\(\s*\)", "", _inline_text(el)))  # "()" around an inline icon
         return
     for child in el:
         _mallard_walk(child, lines)
@@ -169,13 +177,16 @@ def pango_lines(entry: str, drop_sections: set[str]) -> list[str]:
 
 # --- OSIS (SWORD Bible modules) --------------------------------------------------------------------
 
-_OSIS_NOTE = re.compile(r"<note\b.*?</note>", re.S)
+# A footnote often sits between two words with no space around it ("God<note>…</note><w>created"):
+# the empty optional group records whether a word follows, and then a space replaces the note.
+_OSIS_NOTE = re.compile(r"<note\b.*?</note>((?=<w\b|\w))?", re.S)
 # Paragraph, poetry-line, title and list-item tags start a new line; everything else is inline.
 _OSIS_BREAK = re.compile(r"<(?:div|l|lb|lg|chapter|title|/title|item|/item|speaker|/speaker)\b[^>]*>")
 
 
 def osis_lines(osis: str) -> list[str]:
-    text = _OSIS_BREAK.sub("\n", _OSIS_NOTE.sub("", osis))
+    text = _OSIS_NOTE.sub(lambda m: "" if m.group(1) is None else " ", osis)
+    text = _OSIS_BREAK.sub("\n", text)
     return strip_tags(text).split("\n")
 
 
