@@ -7,6 +7,7 @@ The artifact of every model stage is a plain `transformers` GPT-2 (`save_pretrai
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 from mome_ray.errors import MomeError
 
@@ -46,3 +47,16 @@ def build_gpt2(cfg: ModelConfig, vocab_size: int, eos_id: int, pad_id: int):
 
 def n_params(model) -> int:
     return sum(p.numel() for p in model.parameters())
+
+
+def load_lm(model_dir, tokenizer_dir):
+    """Load a saved causal LM and check that it shares the run's tokenizer vocabulary."""
+    from transformers import AutoModelForCausalLM
+
+    from mome_ray.tokenizer import check_vocab
+
+    if not (Path(model_dir) / "config.json").is_file():
+        raise MomeError(f"no model in '{model_dir}' (config.json missing); train it first")
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir))
+    check_vocab(tokenizer_dir, model.config.vocab_size, f"model '{model_dir}'")
+    return model

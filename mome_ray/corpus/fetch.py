@@ -22,7 +22,7 @@ from pathlib import Path
 from mome_ray.errors import MomeError
 
 N_PARALLEL = 3  # apt mirrors are happy with a few connections; more does not go faster
-MARKER = ".mome-complete"  # written last inside a package folder: its presence means fully unpacked
+MARKER = ".mome-complete"  # holds the version; written last, so its presence means fully unpacked
 
 _update_lock = threading.Lock()
 _updated = False  # `apt-get update` runs at most once per process
@@ -46,18 +46,18 @@ def fetch_packages(packages: list[str], cache_dir: Path, progress: bool = True) 
     cache_dir = Path(cache_dir)
     (cache_dir / "pkgs").mkdir(parents=True, exist_ok=True)
     packages = list(dict.fromkeys(packages))  # keep order, drop repeats
-    known = package_versions(cache_dir)
     with ThreadPoolExecutor(N_PARALLEL) as pool:
-        versions = dict(zip(packages, pool.map(lambda p: _fetch_one(p, cache_dir, known, progress), packages)))
+        versions = dict(zip(packages, pool.map(lambda p: _fetch_one(p, cache_dir, progress), packages)))
     _write_versions(cache_dir, {**package_versions(cache_dir), **versions})
     return versions
 
 
-def _fetch_one(package: str, cache_dir: Path, known: dict[str, str], progress: bool) -> str:
+def _fetch_one(package: str, cache_dir: Path, progress: bool) -> str:
     dest = package_root(cache_dir, package)
-    if (dest / MARKER).exists() and package in known:
-        _say(progress, f"{package:28s} {known[package]:24s} cached")
-        return known[package]
+    if (dest / MARKER).exists():
+        version = (dest / MARKER).read_text(encoding="utf-8").strip()
+        _say(progress, f"{package:28s} {version:24s} cached")
+        return version
     with tempfile.TemporaryDirectory(prefix="mome-fetch-") as tmp:
         deb = _download(package, Path(tmp))
         version = _run(["dpkg-deb", "-f", str(deb), "Version"], package).strip()

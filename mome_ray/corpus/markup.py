@@ -37,6 +37,7 @@ def strip_tags(text: str) -> str:
 # --- roff man pages --------------------------------------------------------------------------------
 
 LINE_LENGTH = 1500  # ens; wide enough that groff wraps only very long paragraphs
+_TITLE_LINE = re.compile(r"(.*\S)? {40,}\S")  # header/footer: a gap no indentation reaches
 GROFF = ["groff", "-t", "-k", "-Kutf8", "-man", "-Tutf8", "-P-cbou", f"-rLL={LINE_LENGTH}n", "-rHY=0"]
 
 
@@ -67,9 +68,6 @@ def render_man(roff: bytes) -> list[str]:
     return unwrap_man(lines)
 
 
-_TITLE_LINE = re.compile(r"(.*\S)? {40,}\S")  # a gap no indentation reaches
-
-
 def unwrap_man(lines: list[str]) -> list[str]:
     """Join the lines groff wrapped at LINE_LENGTH back into one paragraph per line.
 
@@ -77,12 +75,14 @@ def unwrap_man(lines: list[str]) -> list[str]:
     would not have fitted on the previous line; explicit breaks (.br, .nf code, .TP tags) stay apart.
     """
     out: list[str] = []
+    prev = ""  # the previous rendered line, before joining
     for line in lines:
         first_word = line.split(maxsplit=1)[0]
-        if out and _indent(out[-1]) == _indent(line) and len(out[-1]) + 1 + len(first_word) > LINE_LENGTH - 2:
+        if out and _indent(prev) == _indent(line) and len(prev) + 1 + len(first_word) > LINE_LENGTH - 2:  # 2: slack
             out[-1] = out[-1] + " " + line.strip()
         else:
             out.append(line)
+        prev = line
     return out
 
 

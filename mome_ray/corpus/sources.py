@@ -187,7 +187,10 @@ def _reference_sections(text: str) -> list[tuple[str, list[str]]]:
             sections.append((number if in_chapters else f"preface.{number}", [block[0]]))
         elif not _is_toc(block):
             rows = [line.strip() for line in block if not line.strip().startswith(("|", "+-", "---"))]
-            sections[-1][1].append(re.sub(r"^\*\s", "", " ".join(rows)))  # bullets lose their "*"
+            if all(row.startswith(("$ ", "# ")) for row in rows):
+                sections[-1][1].extend(rows)  # shell examples: one command per line
+            else:
+                sections[-1][1].append(re.sub(r"^\*\s", "", " ".join(rows)))  # bullets lose their "*"
     return sections
 
 
