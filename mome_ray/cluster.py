@@ -70,12 +70,6 @@ def storage_path(cfg: RayConfig, run_dir: Path) -> str:
     return cfg.storage_path or str((Path(run_dir) / "ray_results").resolve())
 
 
-def cluster_cpus() -> float:
-    import ray
-
-    return ray.cluster_resources().get("CPU", 0.0)
-
-
 def quiet_worker() -> None:
     """Silence per-report INFO lines and save progress bars in training workers; our progress lines remain."""
     import logging

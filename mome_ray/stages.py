@@ -24,8 +24,7 @@ from mome_ray.training import perplexity
 
 def stage_config(cfg: Settings, stage: str) -> dict:
     """The part of the config a stage depends on (a change re-runs it)."""
-    section = {"corpus": "corpus", "tokenizer": "tokenizer", "teacher": "teacher"}[stage]
-    return {"langs": cfg.langs, "seed": cfg.seed, section: to_dict(getattr(cfg, section))}
+    return {"langs": cfg.langs, "seed": cfg.seed, stage: to_dict(getattr(cfg, stage))}
 
 
 def parent_stamps(run_dir: Path, parents: list[str]) -> dict[str, str]:

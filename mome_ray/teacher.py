@@ -67,24 +67,23 @@ def train_fn_per_worker(config: dict) -> None:
     # --- model, optimizer; resume from the latest checkpoint if Ray Train hands us one
     torch.manual_seed(seed)
     checkpoint = ray.train.get_checkpoint()
-    start, history = 0, []
-    if checkpoint:
-        with checkpoint.as_directory() as d:
-            model = AutoModelForCausalLM.from_pretrained(d)
-            model = ray.train.torch.prepare_model(model)
-            opt = build_optimizer(model, cfg.train)
-            sched = build_schedule(opt, cfg.train)
-            start, history = load_state(Path(d), opt, sched)
-        if rank == 0:
-            print(f"[{name}] resumed from step {start}", flush=True)
+    ckpt_dir = Path(checkpoint.to_directory()) if checkpoint else None
+    if ckpt_dir:
+        model = AutoModelForCausalLM.from_pretrained(str(ckpt_dir))
     else:
         tok = load_tokenizer(tok_dir)
         model = build_gpt2(cfg.model, len(tok), tok.eos_token_id, tok.pad_token_id)
-        model = ray.train.torch.prepare_model(model)
-        opt = build_optimizer(model, cfg.train)
-        sched = build_schedule(opt, cfg.train)
+    model = ray.train.torch.prepare_model(model)
+    opt = build_optimizer(model, cfg.train)
+    sched = build_schedule(opt, cfg.train)
+    if ckpt_dir:
+        start, history = load_state(ckpt_dir, opt, sched)
+        shutil.rmtree(ckpt_dir, ignore_errors=True)  # to_directory() made a temporary local copy
+        if rank == 0:
+            print(f"[{name}] resumed from step {start}", flush=True)
+    else:
         # Step 0: the untrained model's validation loss, the baseline every later number is read against.
-        history.append(eval_metrics(0, evaluate(model, val, device, cfg.train.batch_size, cfg.train.bf16)))
+        start, history = 0, [eval_metrics(0, evaluate(model, val, device, cfg.train.batch_size, cfg.train.bf16))]
     if rank == 0 and start == 0:
         print(f"[{name}] {n_params(model) / 1e6:.2f}M params, {world} workers, {cfg.train.max_steps} steps, "
               f"{batches.steps_per_epoch} steps/epoch", flush=True)
