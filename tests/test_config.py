@@ -19,6 +19,7 @@ def test_every_preset_loads(path):
     assert isinstance(cfg, Settings)
     assert cfg.langs == ["en", "fr", "de", "py"]
     assert {s.lang for s in cfg.corpus.sources} >= set(cfg.langs)  # inherited from base.yaml
+    assert all(s.licence for s in cfg.corpus.sources), "every source records its licence for the manifest"
     assert cfg.teacher.train.batch_size % len(cfg.langs) == 0
     assert path.read_text().startswith("#"), "each preset opens with a comment giving its command"
 

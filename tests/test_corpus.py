@@ -92,6 +92,7 @@ def test_build_corpus_on_user_folders(tmp_path, corpus_dir):
     assert not (ids["train"] & ids["val"]) and not (ids["train"] & ids["test"])  # split by document
     assert all(count_tokens(t) > 0 for t in data["train"]["text"])
     assert json.loads(json.dumps(manifest))["langs"] == ["en", "fr", "de", "py"]
+    assert {s["licence"] for s in manifest["sources"]} == {"user-provided"}
 
 
 def test_empty_corpus_folder_is_a_clear_error(tmp_path):

@@ -60,7 +60,8 @@ def corpus_sources(cfg: CorpusConfig, langs: list[Lang]) -> list[SourceConfig]:
         missing = [c for c in codes if not (root / c).is_dir()]
         if missing:
             raise MomeError(f"corpus.user_dir '{root}' has no folder for language(s) {missing}; expected {root}/<lang>/")
-        return [SourceConfig(name=f"user-{c}", lang=c, kind="folder", path=str(root / c)) for c in codes]
+        return [SourceConfig(name=f"user-{c}", lang=c, kind="folder", path=str(root / c), licence="user-provided")
+                for c in codes]
     sources = [s for s in cfg.sources if s.lang in codes]
     names = [s.name for s in cfg.sources]
     if len(set(names)) != len(names):
@@ -161,7 +162,7 @@ def build_corpus(cfg: CorpusConfig, codes: list[str], seed: int, out_dir: Path, 
             row = {"text": text, "lang": src.lang, "source": src.name, "doc_id": d.doc_id, "tokens": count_tokens(text)}
             pools[split][src.lang].append(row)
         source_stats.append({"name": src.name, "lang": src.lang, "kind": src.kind, "packages": src.packages,
-                             "holdout": src.holdout, **stats, "docs_kept": kept})
+                             "holdout": src.holdout, "licence": src.licence, **stats, "docs_kept": kept})
         if kept == 0:
             raise MomeError(f"source '{src.name}' ({src.lang}) has no text left after cleaning; check its language "
                             f"and corpus.min_words ({cfg.min_words})")

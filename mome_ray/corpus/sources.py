@@ -37,7 +37,8 @@ class SourceConfig:
     packages: list[str] = field(default_factory=list)  # Debian packages the source needs
     locale: str = ""  # locale folder inside the package, for kinds that have several (gnome_help "fr", ...)
     path: str = ""  # folder kind only: the folder to read
-    holdout: bool = False  # the whole source goes to the test split
+    holdout: bool = False
+    licence: str = ""  # the text's licence, recorded in the corpus manifest  # the whole source goes to the test split
 
 
 @dataclass(frozen=True)
