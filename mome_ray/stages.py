@@ -77,10 +77,12 @@ def tokenizer(cfg: Settings, log=print) -> dict:
         tok.save_pretrained(str(out))
         counts: dict[str, dict[str, int]] = {}
         for split in SPLITS:
+            # One read of the split's columns; `Dataset.filter` would rescan it per language and write
+            # cache files into the corpus artifact.
+            rows = list(zip(data[split]["lang"], data[split]["text"]))
             counts[split] = {}
             for lang in cfg.langs:
-                texts = list(data[split].filter(lambda r: r["lang"] == lang)["text"])
-                stream = encode_stream(tok, texts)
+                stream = encode_stream(tok, [text for code, text in rows if code == lang])
                 path = token_path(out, split, lang)
                 path.parent.mkdir(parents=True, exist_ok=True)
                 np.save(path, stream)

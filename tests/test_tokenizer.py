@@ -47,3 +47,4 @@ def test_tokenizer_stage_writes_streams(tiny_tokenized):
             n = len(np.load(token_path(run_dir / "tokenizer", split, lang)))
             assert n == meta["metrics"]["bpe_tokens"][split][lang] > 0
     assert AutoTokenizer.from_pretrained(str(run_dir / "tokenizer")).vocab_size > 256
+    assert not list((run_dir / "corpus").rglob("cache-*.arrow")), "the tokenizer stage wrote into the corpus artifact"
