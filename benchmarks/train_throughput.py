@@ -27,11 +27,11 @@ from mome_ray.models import build_gpt2  # noqa: E402
 from mome_ray.settings import load_settings  # noqa: E402
 from mome_ray.teacher import fit, train_fn_per_worker  # noqa: E402
 from mome_ray.tokenizer import load_tokenizer  # noqa: E402
-from mome_ray.training import Progress, build_optimizer, build_schedule, clip_and_step, lm_loss  # noqa: E402
+from mome_ray.training import Progress, build_optimizer, build_schedule, lm_train_step  # noqa: E402
 
 
 def bare_loop(cfg, langs, tok_dir: Path, steps: int, threads: int, seed: int) -> float:
-    """The teacher's step, no Ray: returns training tokens/s."""
+    """The teacher's own step function, no Ray: returns training tokens/s."""
     torch.set_num_threads(threads)
     T = cfg.model.n_positions
     batches = BalancedBatches([load_blocks(tok_dir, "train", l, T) for l in langs], cfg.train.batch_size, seed)
@@ -45,9 +45,7 @@ def bare_loop(cfg, langs, tok_dir: Path, steps: int, threads: int, seed: int) ->
     for step in range(steps):
         ids, _ = batches.batch(step)
         progress.tick()
-        loss = lm_loss(model(input_ids=ids).logits, ids)
-        loss.backward()
-        clip_and_step(model, opt, sched, cfg.train.grad_clip)
+        lm_train_step(model, opt, sched, ids, cfg.train, torch.device("cpu"))
         progress.tock(step, {})
     return progress.tokens_per_s
 

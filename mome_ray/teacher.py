@@ -24,8 +24,8 @@ from mome_ray.data import BalancedBatches, eval_blocks, load_blocks
 from mome_ray.errors import MomeError
 from mome_ray.models import ModelConfig, build_gpt2, n_params
 from mome_ray.tokenizer import load_tokenizer
-from mome_ray.training import (Progress, TrainConfig, autocast, build_optimizer, build_schedule, clip_and_step,
-                               evaluate, lm_loss, load_state, perplexity, save_state)
+from mome_ray.training import (Progress, TrainConfig, build_optimizer, build_schedule, evaluate, lm_train_step,
+                               load_state, perplexity, save_state)
 
 
 @dataclass
@@ -96,16 +96,13 @@ def train_fn_per_worker(config: dict) -> None:
         ids, _ = batches.batch(step)
         ids = ids.to(device)
         progress.tick()
-        with autocast(device, cfg.train.bf16):
-            loss = lm_loss(model(input_ids=ids).logits, ids)
-        loss.backward()
-        clip_and_step(model, opt, sched, cfg.train.grad_clip)
-        progress.tock(step, {"loss": loss.item()})
+        loss = lm_train_step(model, opt, sched, ids, cfg.train, device)
+        progress.tock(step, {"loss": loss})
 
         done = step + 1 == cfg.train.max_steps
         if (step + 1) % cfg.train.eval_every == 0 or done:
             metrics = eval_metrics(step + 1, evaluate(model, val, device, cfg.train.batch_size, cfg.train.bf16))
-            metrics.update(train_loss=loss.item(), lr=sched.get_last_lr()[0], tokens_per_s=progress.tokens_per_s)
+            metrics.update(train_loss=loss, lr=sched.get_last_lr()[0], tokens_per_s=progress.tokens_per_s)
             history.append(metrics)
             report(model, opt, sched, step + 1, history, metrics, rank)
 

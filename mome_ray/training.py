@@ -78,6 +78,15 @@ def autocast(device: torch.device, bf16: bool):
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16 and device.type == "cuda")
 
 
+def lm_train_step(model, opt, sched, ids: torch.Tensor, cfg: TrainConfig, device: torch.device) -> float:
+    """One language-modelling optimizer step on (B, T) ids; returns the loss."""
+    with autocast(device, cfg.bf16):
+        loss = lm_loss(model(input_ids=ids).logits, ids)
+    loss.backward()
+    clip_and_step(model, opt, sched, cfg.grad_clip)
+    return loss.item()
+
+
 @torch.no_grad()
 def evaluate(model, blocks_by_lang: dict[str, "np.ndarray"], device, batch_size: int, bf16: bool) -> dict[str, float]:
     """Mean next-token loss per language over this rank's eval blocks, summed across ranks."""
