@@ -11,6 +11,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -88,7 +89,7 @@ def lm_train_step(model, opt, sched, ids: torch.Tensor, cfg: TrainConfig, device
 
 
 @torch.no_grad()
-def evaluate(model, blocks_by_lang: dict[str, "np.ndarray"], device, batch_size: int, bf16: bool) -> dict[str, float]:
+def evaluate(model, blocks_by_lang: dict[str, np.ndarray], device, batch_size: int, bf16: bool) -> dict[str, float]:
     """Mean next-token loss per language over this rank's eval blocks, summed across ranks."""
     was_training = model.training
     model.eval()

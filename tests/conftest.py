@@ -146,3 +146,10 @@ def tiny_tokenized(tmp_path_factory, corpus_dir):
     stages.corpus(cfg, log=lambda *a: None)
     stages.tokenizer(cfg, log=lambda *a: None)
     return cfg
+
+
+def copy_run(run_dir: str | Path, dest: Path) -> Path:
+    """A private copy of a run dir's corpus + tokenizer stages, so teacher runs don't collide."""
+    for stage in ("corpus", "tokenizer"):
+        shutil.copytree(Path(run_dir) / stage, dest / stage)
+    return dest

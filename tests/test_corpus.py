@@ -1,7 +1,6 @@
 """Corpus: language vote, dedup, document splits, balancing, the whole build on in-test text, bad inputs."""
 
 import json
-from pathlib import Path
 
 import pytest
 

@@ -1,12 +1,12 @@
 """Job submission: jobs.train_teacher submitted to a real `ray start` head through JobSubmissionClient."""
 
-import shutil
 import time
 from pathlib import Path
 
 from transformers import AutoModelForCausalLM
 
 from mome_ray.artifacts import read_meta
+from tests.conftest import copy_run
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -14,9 +14,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_submit_teacher_job_to_a_real_head(ray_head, tiny_tokenized, tmp_path):
     from ray.job_submission import JobStatus, JobSubmissionClient
 
-    run_dir = tmp_path / "run"
-    for stage in ("corpus", "tokenizer"):
-        shutil.copytree(Path(tiny_tokenized.run_dir) / stage, run_dir / stage)
+    run_dir = copy_run(tiny_tokenized.run_dir, tmp_path / "run")
     client = JobSubmissionClient(ray_head["dashboard"])
     job = client.submit_job(
         entrypoint=f"python -m jobs.train_teacher --config configs/tiny.yaml run_dir={run_dir} "

@@ -1,8 +1,6 @@
 """Teacher on Ray Train: 2-worker DDP smoke run, kill-and-resume with the same command, vocab checks."""
 
-import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -18,19 +16,13 @@ from mome_ray.artifacts import read_meta
 from mome_ray.errors import MomeError
 from mome_ray.models import load_lm
 from mome_ray.settings import load_settings
+from tests.conftest import copy_run
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def copy_run(tiny_tokenized, dest: Path) -> Path:
-    """A private copy of the shared corpus + tokenizer run dir, so teacher runs don't collide."""
-    for stage in ("corpus", "tokenizer"):
-        shutil.copytree(Path(tiny_tokenized.run_dir) / stage, dest / stage)
-    return dest
-
-
 def test_teacher_trains_on_two_workers_and_reloads(ray_head, tiny_tokenized, tmp_path):
-    run_dir = copy_run(tiny_tokenized, tmp_path / "run")
+    run_dir = copy_run(tiny_tokenized.run_dir, tmp_path / "run")
     cfg = load_settings(str(ROOT / "configs/tiny.yaml"), [f"run_dir={run_dir}", "teacher.train.max_steps=40"])
     meta = stages.teacher(cfg, log=lambda *a: None)
 
@@ -52,7 +44,7 @@ def test_teacher_trains_on_two_workers_and_reloads(ray_head, tiny_tokenized, tmp
 
 
 def test_killed_run_resumes_with_the_same_command(ray_head, tiny_tokenized, tmp_path):
-    run_dir = copy_run(tiny_tokenized, tmp_path / "run")
+    run_dir = copy_run(tiny_tokenized.run_dir, tmp_path / "run")
     cmd = [sys.executable, "-m", "jobs.train_teacher", "--config", "configs/tiny.yaml", f"run_dir={run_dir}",
            "teacher.train.max_steps=300", "teacher.train.eval_every=20", "teacher.train.log_every=300"]
     env = {**ray_head["env"], "RAY_ADDRESS": ray_head["address"]}
