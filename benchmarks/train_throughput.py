@@ -40,7 +40,7 @@ def bare_loop(cfg, langs, tok_dir: Path, steps: int, threads: int, seed: int) ->
     model = build_gpt2(cfg.model, len(tok), tok.eos_token_id, tok.pad_token_id)
     opt = build_optimizer(model, cfg.train)
     sched = build_schedule(opt, cfg.train)
-    progress = Progress("bare", steps, 0, cfg.train.batch_size * T, steps, enabled=False)
+    progress = Progress("bare", steps, cfg.train.batch_size * T, steps, enabled=False)
     model.train()
     for step in range(steps):
         ids, _ = batches.batch(step)

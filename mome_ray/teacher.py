@@ -91,7 +91,7 @@ def train_fn_per_worker(config: dict) -> None:
     # --- train
     model.train()
     tokens_per_step = cfg.train.batch_size * T * world
-    progress = Progress(name, cfg.train.max_steps, start, tokens_per_step, cfg.train.log_every, rank == 0)
+    progress = Progress(name, cfg.train.max_steps, tokens_per_step, cfg.train.log_every, rank == 0)
     for step in range(start, cfg.train.max_steps):
         ids, _ = batches.batch(step)
         ids = ids.to(device)

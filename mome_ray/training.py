@@ -116,8 +116,8 @@ def perplexity(loss: float) -> float:
 class Progress:
     """Prints `step i/n, loss, tokens/s, ETA` lines; tokens/s counts training time only."""
 
-    def __init__(self, name: str, total: int, start: int, tokens_per_step: int, every: int, enabled: bool = True):
-        self.name, self.total, self.start, self.every, self.enabled = name, total, start, every, enabled
+    def __init__(self, name: str, total: int, tokens_per_step: int, every: int, enabled: bool = True):
+        self.name, self.total, self.every, self.enabled = name, total, every, enabled
         self.tokens_per_step = tokens_per_step
         self.train_seconds = 0.0
         self.steps_timed = 0
