@@ -114,11 +114,11 @@ def _free_port() -> int:
 def ray_head():
     """A real head started with `ray start --head` on 127.0.0.1; yields its addresses."""
     temp_dir = tempfile.mkdtemp(prefix="mr", dir="/tmp")  # short: Ray's socket paths have a length limit
-    port, dash = _free_port(), _free_port()
+    port, dash, client = _free_port(), _free_port(), _free_port()  # free ports: parallel sessions coexist
     env = {**os.environ, **RAY_ENV, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
     os.environ.update(RAY_ENV)
     cmd = [str(Path(sys.executable).parent / "ray"), "start", "--head", "--node-ip-address=127.0.0.1",
-           f"--port={port}", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", f"--temp-dir={temp_dir}",
+           f"--port={port}", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", f"--temp-dir={temp_dir}", f"--ray-client-server-port={client}",
            "--num-cpus=2", "--include-dashboard=true", "--disable-usage-stats"]
     subprocess.run(cmd, check=True, env=env, capture_output=True)
     import ray
@@ -127,8 +127,39 @@ def ray_head():
     ray.init(address=address)
     yield {"address": address, "dashboard": f"http://127.0.0.1:{dash}", "temp_dir": temp_dir, "env": env}
     ray.shutdown()
-    subprocess.run([str(Path(sys.executable).parent / "ray"), "stop", "--force"], env=env, capture_output=True)
+    _stop_cluster(temp_dir, port)
     shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+def _stop_cluster(temp_dir: str, port: int) -> None:
+    """Kill only this head's processes; `ray stop` would kill every Ray cluster on the machine.
+
+    Its processes name its temp dir or its port on their command line; the agents that rename themselves
+    are children of those, so the whole process tree goes.
+    """
+    import signal
+
+    marks = (temp_dir.encode(), f"127.0.0.1:{port}".encode())
+    parent, roots = {}, set()
+    for proc in Path("/proc").iterdir():
+        try:
+            pid = int(proc.name)
+            parent[pid] = int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            if any(m in (proc / "cmdline").read_bytes() for m in marks):
+                roots.add(pid)
+        except (ValueError, OSError):
+            continue
+    doomed = set(roots)
+    while True:
+        more = {p for p, pp in parent.items() if pp in doomed} - doomed
+        if not more:
+            break
+        doomed |= more
+    for pid in doomed - {os.getpid()}:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except OSError:
+            pass
 
 
 def tiny_overrides(run_dir: Path, corpus_dir: Path, *extra: str) -> list[str]:
