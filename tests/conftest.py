@@ -114,12 +114,14 @@ def _free_port() -> int:
 def ray_head():
     """A real head started with `ray start --head` on 127.0.0.1; yields its addresses."""
     temp_dir = tempfile.mkdtemp(prefix="mr", dir="/tmp")  # short: Ray's socket paths have a length limit
-    port, dash, client = _free_port(), _free_port(), _free_port()  # free ports: parallel sessions coexist
+    # Free ports for everything with a fixed default, so parallel test sessions coexist.
+    port, dash, client, agent = (_free_port() for _ in range(4))
     env = {**os.environ, **RAY_ENV, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
     os.environ.update(RAY_ENV)
     cmd = [str(Path(sys.executable).parent / "ray"), "start", "--head", "--node-ip-address=127.0.0.1",
-           f"--port={port}", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", f"--temp-dir={temp_dir}", f"--ray-client-server-port={client}",
-           "--num-cpus=2", "--include-dashboard=true", "--disable-usage-stats"]
+           f"--port={port}", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", f"--temp-dir={temp_dir}",
+           f"--ray-client-server-port={client}", f"--dashboard-agent-listen-port={agent}", "--num-cpus=2",
+           "--include-dashboard=true", "--disable-usage-stats"]
     subprocess.run(cmd, check=True, env=env, capture_output=True)
     import ray
 
