@@ -25,7 +25,8 @@ from mome_ray.config import to_dict  # noqa: E402
 from mome_ray.data import BalancedBatches, load_blocks  # noqa: E402
 from mome_ray.models import build_gpt2  # noqa: E402
 from mome_ray.settings import load_settings  # noqa: E402
-from mome_ray.teacher import fit, train_fn_per_worker  # noqa: E402
+from mome_ray.launch import fit  # noqa: E402
+from mome_ray.teacher import train_fn_per_worker  # noqa: E402
 from mome_ray.tokenizer import load_tokenizer  # noqa: E402
 from mome_ray.training import Progress, build_optimizer, build_schedule, lm_train_step  # noqa: E402
 

@@ -3,6 +3,8 @@
     RUN_DIR/corpus/      data/ (HF datasets), manifest.json
     RUN_DIR/tokenizer/   HF tokenizer files, tokens/<split>/<lang>.npy
     RUN_DIR/teacher/     model.safetensors + config.json (AutoModelForCausalLM), tokenizer files
+    RUN_DIR/experts/     <lang>/, nokd-<lang>/, multilingual/ (each a model artifact with its own meta.json),
+                         eval.csv + eval.md, and meta.json of the whole stage (written last)
 
 `meta.json` = {stage, config (also as run_config.yaml), metrics, parents, versions, seed, created}. The next stage finds its inputs
 through `read_meta`, never by guessing paths. A stage writes into a temporary sibling folder and swaps it
@@ -27,6 +29,8 @@ MAKES = {
     "corpus": "mome corpus build",
     "tokenizer": "mome tokenizer",
     "teacher": "mome teacher",
+    "experts": "mome distill",
+    "sweep_kd": "mome sweep kd",
 }
 
 
@@ -96,5 +100,7 @@ def write_meta(out_dir: Path, stage: str, config: dict, metrics: dict, parents: 
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
     (out_dir / "run_config.yaml").write_text(yaml.safe_dump(config, sort_keys=False, allow_unicode=True))
-    (out_dir / "meta.json").write_text(json.dumps(meta, indent=2, ensure_ascii=False))
+    tmp = out_dir / ".meta.json.tmp"
+    tmp.write_text(json.dumps(meta, indent=2, ensure_ascii=False))
+    tmp.replace(out_dir / "meta.json")  # atomic: a reader sees the old meta or the new one, never half
     return meta

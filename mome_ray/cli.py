@@ -4,6 +4,8 @@
     mome corpus build --config configs/small.yaml
     mome tokenizer    --config configs/small.yaml
     mome teacher      --config configs/small.yaml teacher.train.max_steps=100
+    mome distill      --config configs/small.yaml distill.langs=[fr] distill.alpha.strategy=adaptive
+    mome sweep kd     --config configs/small.yaml
     mome pipeline     --config configs/small.yaml
 
 Trailing `a.b=c` arguments override the config. Connects to RAY_ADDRESS when set, else starts a local
@@ -16,6 +18,11 @@ import argparse
 import sys
 
 from mome_ray.errors import MomeError
+
+
+SWEEPS_HELP = {
+    "kd": "alpha strategies x KD losses x temperature for one expert, ASHA on validation perplexity",
+}
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -39,6 +46,15 @@ def _parser() -> argparse.ArgumentParser:
     stage("tokenizer", "train the byte-level BPE tokenizer on all languages into RUN_DIR/tokenizer")
     t = stage("teacher", "train the GPT-2 teacher with Ray Train (DDP) into RUN_DIR/teacher")
     t.add_argument("--fresh", action="store_true", help="ignore an interrupted run's checkpoints")
+    d = stage("distill", "distil one expert per language from the teacher, in parallel, into RUN_DIR/experts")
+    d.add_argument("--fresh", action="store_true", help="re-train every student, ignoring finished and "
+                   "interrupted runs")
+    sweep = sub.add_parser("sweep", help="Ray Tune sweeps (search spaces in tune_spaces/)")
+    ssub = sweep.add_subparsers(dest="action", required=True, metavar="SWEEP")
+    for name, help in SWEEPS_HELP.items():
+        s = ssub.add_parser(name, help=help, description=help)
+        s.add_argument("--config", "-c")
+        s.add_argument("overrides", nargs="*", metavar="key.path=value")
     pl = stage("pipeline", "run every stage in order, skipping the ones already up to date")
     pl.add_argument("--force", action="store_true", help="re-run every stage")
     return p
@@ -57,6 +73,10 @@ def main(argv: list[str] | None = None) -> int:
             stages.tokenizer(cfg)
         elif args.cmd == "teacher":
             stages.teacher(cfg, fresh=args.fresh)
+        elif args.cmd == "distill":
+            stages.experts(cfg, fresh=args.fresh)
+        elif args.cmd == "sweep":
+            stages.SWEEPS[args.action](cfg)
         elif args.cmd == "pipeline":
             stages.run_pipeline(cfg, force=args.force)
     except MomeError as e:

@@ -117,7 +117,68 @@ def print_perplexity_table(metrics: dict, langs: list[str], log=print) -> None:
     log(f"{'mean':<6}{perplexity(before['val_loss']):>15,.1f}{perplexity(after['val_loss']):>14,.2f}")
 
 
-STAGES = {"corpus": (corpus, []), "tokenizer": (tokenizer, ["corpus"]), "teacher": (teacher, ["tokenizer"])}
+def experts(cfg: Settings, fresh: bool = False, log=print) -> dict:
+    """Distil one expert per language (+ the baselines) in parallel, then evaluate them all on the same data."""
+    from mome_ray.distill import distill_students
+    from mome_ray.sweeps import markdown_table
+
+    run_dir = Path(cfg.run_dir)
+    parents = parent_stamps(run_dir, ["tokenizer", "teacher"])
+    init_ray(cfg.ray)
+    metas = distill_students(cfg.distill, cfg.langs, run_dir, cfg.ray, cfg.seed, fresh, log)
+    table = expert_table(cfg, list(metas))
+    out = run_dir / "experts"
+    table.to_csv(out / "eval.csv", index=False)
+    (out / "eval.md").write_text(markdown_table(table))
+    metrics = {"students": {name: m["metrics"]["final"] for name, m in metas.items()},
+               "eval": table.to_dict(orient="records")}
+    meta = write_meta(out, "experts", stage_config(cfg, "distill"), metrics, parents, cfg.seed)
+    log("\nvalidation perplexity, every model on the same blocks:\n" + markdown_table(table))
+    return meta
+
+
+def expert_table(cfg: Settings, names: list[str]):
+    """Teacher, experts, no-KD students and the multilingual student: one perplexity table."""
+    from mome_ray.evaluation import Row, perplexity_table
+
+    run_dir = Path(cfg.run_dir)
+    out = run_dir / "experts"
+    d = cfg.distill
+    rows = [Row("teacher", {l: run_dir / "teacher" for l in cfg.langs})]
+    experts = {l: out / l for l in cfg.langs if l in names}
+    if experts:
+        rows.append(Row(f"experts (KD {d.kd_loss}, {d.alpha.strategy} alpha)", experts))
+    nokd = {l: out / f"nokd-{l}" for l in cfg.langs if f"nokd-{l}" in names}
+    if nokd:
+        rows.append(Row("no-KD students (CE only)", nokd))
+    if "multilingual" in names:
+        rows.append(Row("multilingual student (KD)", {l: out / "multilingual" for l in cfg.langs}))
+    return perplexity_table(rows, run_dir / "tokenizer", cfg.langs, d.model.n_positions, d.train.eval_blocks)
+
+
+def sweep_kd(cfg: Settings, log=print) -> dict:
+    """Ray Tune over alpha strategy x KD loss x temperature; results and best config in RUN_DIR/sweep_kd."""
+    from mome_ray.kd_sweep import sweep_kd as run_sweep
+
+    run_dir = Path(cfg.run_dir)
+    parents = parent_stamps(run_dir, ["tokenizer", "teacher"])
+    init_ray(cfg.ray)
+    with stage_writer(run_dir, "sweep_kd") as out:
+        metrics = run_sweep(cfg, out, log)
+        meta = write_meta(out, "sweep_kd", stage_config(cfg, "distill"), metrics, parents, cfg.seed)
+    log((run_dir / "sweep_kd" / "results.md").read_text())
+    return meta
+
+
+SWEEPS = {"kd": sweep_kd}
+
+# artifact -> (function, parent artifacts, config section)
+STAGES = {
+    "corpus": (corpus, [], "corpus"),
+    "tokenizer": (tokenizer, ["corpus"], "tokenizer"),
+    "teacher": (teacher, ["tokenizer"], "teacher"),
+    "experts": (experts, ["tokenizer", "teacher"], "distill"),
+}
 
 
 def run_pipeline(cfg: Settings, force: bool = False, log=print) -> None:
@@ -125,8 +186,8 @@ def run_pipeline(cfg: Settings, force: bool = False, log=print) -> None:
     run_dir = Path(cfg.run_dir)
     if not cfg.corpus.user_dir:
         fetch(cfg, log)
-    for name, (fn, parents) in STAGES.items():
-        done = is_complete(run_dir, name, stage_config(cfg, name))
+    for name, (fn, parents, section) in STAGES.items():
+        done = is_complete(run_dir, name, stage_config(cfg, section))
         if done and not force and read_meta(run_dir, name)["parents"] == parent_stamps(run_dir, parents):
             log(f"== {name}: up to date in {run_dir / name}, skipped")
             continue

@@ -141,13 +141,25 @@ class Progress:
         return self.steps_timed * self.tokens_per_step / max(self.train_seconds, 1e-9)
 
 
-def save_state(path: Path, opt, sched, step: int, history: list[dict]) -> None:
-    torch.save({"optimizer": opt.state_dict(), "schedule": sched.state_dict(), "step": step, "history": history},
-               Path(path) / "train_state.pt")
+def save_state(path: Path, opt, sched, step: int, history: list[dict], **extra) -> None:
+    """Optimizer, schedule, step, eval history and any loop-specific `extra` state, in train_state.pt."""
+    torch.save({"optimizer": opt.state_dict(), "schedule": sched.state_dict(), "step": step, "history": history,
+                **extra}, Path(path) / "train_state.pt")
 
 
-def load_state(path: Path, opt, sched) -> tuple[int, list[dict]]:
+def load_state(path: Path, opt, sched) -> dict:
+    """Restore optimizer + schedule in place; returns the whole state (step, history, extras)."""
     state = torch.load(Path(path) / "train_state.pt", weights_only=True)
-    opt.load_state_dict(state["optimizer"])
-    sched.load_state_dict(state["schedule"])
-    return state["step"], state["history"]
+    opt.load_state_dict(state.pop("optimizer"))
+    sched.load_state_dict(state.pop("schedule"))
+    return state
+
+
+def eval_metrics(step: int, val: dict[str, float]) -> dict:
+    """Flat metrics of one evaluation: val_loss/<lang>, val_ppl/<lang> and their means."""
+    m = {"step": step, "val_loss": sum(val.values()) / len(val)}
+    m["val_ppl"] = perplexity(m["val_loss"])
+    for lang, loss in val.items():
+        m[f"val_loss/{lang}"] = loss
+        m[f"val_ppl/{lang}"] = perplexity(loss)
+    return m

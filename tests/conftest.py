@@ -186,3 +186,22 @@ def copy_run(run_dir: str | Path, dest: Path) -> Path:
     for stage in ("corpus", "tokenizer"):
         shutil.copytree(Path(run_dir) / stage, dest / stage)
     return dest
+
+
+@pytest.fixture(scope="session")
+def tiny_teacher(ray_head, tiny_tokenized, tmp_path_factory):
+    """A run dir with corpus, tokenizer and a trained tiny teacher (shared by distillation and MoE tests)."""
+    from mome_ray import stages
+    from mome_ray.settings import load_settings
+
+    run_dir = copy_run(tiny_tokenized.run_dir, tmp_path_factory.mktemp("teacher_run"))
+    cfg = load_settings(str(ROOT / "configs/tiny.yaml"), [f"run_dir={run_dir}"])
+    stages.teacher(cfg, log=lambda *a: None)
+    return cfg
+
+
+def copy_teacher_run(cfg, dest: Path) -> Path:
+    """A private copy of a run dir up to the teacher stage."""
+    copy_run(cfg.run_dir, dest)
+    shutil.copytree(Path(cfg.run_dir) / "teacher", dest / "teacher")
+    return dest

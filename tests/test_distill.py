@@ -1,0 +1,119 @@
+"""Distillation: the KD step, the plan of students, and a tiny two-language parallel run on Ray Train."""
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from mome_ray import stages
+from mome_ray.alpha import AlphaConfig
+from mome_ray.artifacts import read_meta
+from mome_ray.config import from_dict
+from mome_ray.distill import DistillConfig, kd_step, plan
+from mome_ray.errors import MomeError
+from mome_ray.losses import reverse_kl
+from mome_ray.models import ModelConfig, build_gpt2, load_lm
+from mome_ray.settings import load_settings
+from mome_ray.training import TrainConfig, build_optimizer, build_schedule, lm_train_step
+from tests.conftest import copy_teacher_run
+
+ROOT = Path(__file__).resolve().parents[1]
+QUIET = dict(log=lambda *a: None)
+
+
+def _student(seed=0):
+    torch.manual_seed(seed)
+    return build_gpt2(ModelConfig(n_layer=1, n_embd=32, n_head=2, n_positions=16), 64, 0, 1)
+
+
+def _opt(model, cfg):
+    opt = build_optimizer(model, cfg)
+    return opt, build_schedule(opt, cfg)
+
+
+def test_alpha_one_is_exactly_plain_ce_training():
+    cfg = TrainConfig(max_steps=3, lr=0.01)
+    ids = torch.randint(0, 64, (4, 16), generator=torch.Generator().manual_seed(1))
+    teacher = _student(seed=7).eval()
+    a, b = _student(), _student()
+    opt_a, sched_a = _opt(a, cfg)
+    opt_b, sched_b = _opt(b, cfg)
+    cpu = torch.device("cpu")
+    for _ in range(3):
+        ce_loss = lm_train_step(a, opt_a, sched_a, ids, cfg, cpu)
+        ce, kd = kd_step(b, teacher, opt_b, sched_b, ids, 1.0, 0.0, reverse_kl, 1.0, cfg, cpu)
+        assert ce == ce_loss and kd > 0  # KD is still measured (for the log), but not trained on
+    for pa, pb in zip(a.parameters(), b.parameters()):
+        assert torch.equal(pa, pb)
+
+
+def test_kd_term_moves_the_student_towards_the_teacher():
+    cfg = TrainConfig(max_steps=30, lr=0.01, warmup_frac=0.0)
+    ids = torch.randint(0, 64, (4, 16), generator=torch.Generator().manual_seed(1))
+    teacher, student = _student(seed=7).eval(), _student()
+    opt, sched = _opt(student, cfg)
+    kds = [kd_step(student, teacher, opt, sched, ids, 0.0, 1.0, reverse_kl, 1.0, cfg, torch.device("cpu"))[1]
+           for _ in range(30)]
+    assert kds[-1] < 0.5 * kds[0]
+
+
+def test_plan_and_config_errors():
+    cfg = DistillConfig(langs=["fr"])
+    assert [s.name for s in plan(cfg, ["en", "fr"])] == ["fr", "nokd-fr", "multilingual"]
+    assert [s.kd for s in plan(cfg, ["en", "fr"])] == [True, False, True]
+    with pytest.raises(MomeError, match="not languages of this run"):
+        plan(DistillConfig(langs=["es"]), ["en", "fr"])
+    with pytest.raises(MomeError, match="kd_loss 'kl' is not one of"):
+        from_dict(DistillConfig, {"kd_loss": "kl"})
+    with pytest.raises(MomeError, match="alpha.alpha must be in"):
+        from_dict(DistillConfig, {"alpha": {"alpha": 1.5}})
+    assert AlphaConfig().strategy == "fixed"
+
+
+def test_two_experts_distil_in_parallel_with_baselines(tiny_teacher, tmp_path, capfd):
+    run_dir = copy_teacher_run(tiny_teacher, tmp_path / "run")
+    cfg = load_settings(str(ROOT / "configs/tiny.yaml"),
+                        [f"run_dir={run_dir}", "distill.langs=[en, fr]", "distill.alpha.strategy=adaptive",
+                         "distill.alpha.min_window=3"])
+    lines = []
+    meta = stages.experts(cfg, log=lines.append)
+
+    # Two runs at a time on the 2-CPU test cluster, the rest queued; every student exported as a model.
+    assert "[launcher] 5 runs, 2 at a time on this cluster" in lines
+    assert any("running: " in l and "queued: " in l for l in lines)
+    for name in ("en", "fr", "nokd-en", "nokd-fr", "multilingual"):
+        m = read_meta(run_dir / "experts", name)
+        assert load_lm(run_dir / "experts" / name, run_dir / "tokenizer").config.n_layer == 1
+        trace = m["metrics"]["trace"]
+        assert trace["step"] == list(range(1, 11))
+        assert m["metrics"]["final"]["val_loss"] < m["metrics"]["untrained"]["val_loss"]
+        if name.startswith("nokd"):
+            assert set(trace["alpha"]) == {1.0} and set(trace["kd"]) == {None}
+        else:  # KD measured every step; adaptive alpha starts at 0.5 and then moves (window of 3 steps)
+            assert all(k is not None and k > 0 for k in trace["kd"])
+            assert trace["alpha"][0] == 0.5 and [a + b for a, b in zip(trace["alpha"], trace["beta"])] == [1.0] * 10
+    assert set(read_meta(run_dir / "experts", "multilingual")["metrics"]["final"]) >= {"val_ppl/en", "val_ppl/fr",
+                                                                                       "val_ppl/de", "val_ppl/py"}
+    # Per-expert progress lines came from the workers while they ran.
+    err = capfd.readouterr()
+    assert "[fr] step 5/10" in err.out + err.err
+
+    # One table: teacher, experts, no-KD students, multilingual student, on the same validation blocks.
+    table = (run_dir / "experts" / "eval.md").read_text()
+    assert [r["model"].split(" ")[0] for r in meta["metrics"]["eval"]] == ["teacher", "experts", "no-KD",
+                                                                           "multilingual"]
+    assert "| teacher |" in table and (run_dir / "experts" / "eval.csv").is_file()
+    experts_row = meta["metrics"]["eval"][1]
+    assert experts_row["en"] > 1 and experts_row["de"] != experts_row["de"]  # no de expert: NaN
+
+    # Same command again: every student is up to date and skipped.
+    again = []
+    stages.experts(cfg, log=again.append)
+    assert sum("up to date" in l for l in again) == 5
+
+
+def test_student_longer_than_teacher_context_is_refused(tiny_teacher, tmp_path):
+    run_dir = copy_teacher_run(tiny_teacher, tmp_path / "run")
+    cfg = load_settings(str(ROOT / "configs/tiny.yaml"), [f"run_dir={run_dir}", "distill.model.n_positions=512"])
+    with pytest.raises(MomeError, match="exceeds the teacher's context"):
+        stages.experts(cfg, **QUIET)
