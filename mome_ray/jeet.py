@@ -17,13 +17,20 @@ h = (1 − σ(g_e))·h_common + σ(g_e)·h_e, that starts at the plain mean (g_e
     moe = MoE(model, router)            # per-sequence routing, top-k, score, generate: see moe.py
     model.save("run/moe/jeet"); JEETModel.load("run/moe/jeet")            # safetensors + config.json
 
-Under DDP a stack that no sequence of a rank's batch selected gets no gradient on that rank, and
-`DistributedDataParallel` waits for it forever (or raises) unless it is told so: wrap with
-`DDP_KWARGS` (`find_unused_parameters=True`), e.g. in Ray Train
-`prepare_model(model, parallel_strategy_kwargs=DDP_KWARGS)`. DDP then all-reduces a zero gradient for
-the stack on the ranks that skipped it, so the averaged gradient is the right one. (Under DDP the skipped
-stack's gradient is zero rather than absent, so AdamW's momentum may still move it; single-process
-steps leave it bit-identical.)
+Training (KD): route each sequence by its known language and call the MoE, so DDP sees the forward:
+    moe = MoE(JEETModel(cfg))
+    out = moe(ids, labels=ids, routing=Routing.onehot(lang_index, len(cfg.langs)))
+    loss = alpha * out.loss + beta * reverse_kl(out.logits, teacher_logits)
+
+DDP: a stack that no sequence of a rank's batch selected gets no gradient on that rank, and
+`DistributedDataParallel` then fails at the next step ("Expected to have finished reduction...") or
+waits. Wrap the `MoE` (not the `JEETModel`, which has no `forward`) with `DDP_KWARGS`
+(`find_unused_parameters=True`); in Ray Train:
+    moe = ray.train.torch.prepare_model(MoE(model), parallel_strategy_kwargs=DDP_KWARGS)
+DDP then all-reduces a zero gradient for the stack from the ranks that skipped it, so every rank
+applies the same averaged gradient. (Under DDP a skipped stack may hold a zero gradient rather than
+none, so AdamW's momentum and weight decay can still move it; single-process steps leave unselected
+stacks bit-identical.) tests/test_moe.py runs two gloo ranks with a stack unused on each.
 """
 
 from __future__ import annotations

@@ -225,6 +225,8 @@ class MoE(nn.Module):
         gives the same text. A sequence that emitted `eos_id` is padded with it; the loop stops when all
         have. No KV cache: each step reruns the last `n_positions` tokens (fine for the small experts).
         """
+        if temperature < 0 or not 0 < top_p <= 1:
+            raise MomeError(f"generate needs temperature >= 0 and 0 < top_p <= 1, got {temperature} and {top_p}")
         plan = self._plan(input_ids, None, select.pop("routing", None), **select)
         gen = torch.Generator(device=input_ids.device).manual_seed(seed)
         ids, done = input_ids, torch.zeros(len(input_ids), dtype=torch.bool, device=input_ids.device)
@@ -269,9 +271,12 @@ class MoE(nn.Module):
         if mode not in ("top1", "topk"):
             raise MomeError(f"unknown MoE mode '{mode}'; use 'top1' or 'topk'")
         routing = routing if routing is not None else self._route(input_ids, attention_mask)
-        if routing.probs.shape != (n, len(self.names)):
-            raise MomeError(f"routing probs have shape {tuple(routing.probs.shape)}, expected {(n, len(self.names))} "
-                            f"for experts {self.names}; retrain the router on exactly these experts")
+        if routing.probs.shape != (n, len(self.names)) or routing.index.shape != (n,) \
+                or int(routing.index.min()) < UNKNOWN or int(routing.index.max()) >= len(self.names):
+            raise MomeError(f"routing has index {tuple(routing.index.shape)} / probs {tuple(routing.probs.shape)}, "
+                            f"expected ({n},) / {(n, len(self.names))} for experts {self.names}; "
+                            f"retrain the router on exactly these experts")
+        routing = Routing(routing.index.to(weights.device), routing.probs.to(weights.device))
         unknown = routing.index == UNKNOWN
         if mode == "top1":
             weights[torch.arange(n), routing.index.clamp(min=0)] = 1.0

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import json
+from datetime import timedelta
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
 
 from mome_ray.errors import MomeError
-from mome_ray.jeet import COMMON, JEETConfig, JEETModel
+from mome_ray.jeet import COMMON, DDP_KWARGS, JEETConfig, JEETModel
 from mome_ray.models import ModelConfig, build_gpt2
 from mome_ray.moe import UNKNOWN, MoE, PLEExperts, Routing, load_ple, text_router
 from mome_ray.training import build_optimizer, TrainConfig
@@ -211,6 +215,41 @@ def test_jeet_step_changes_only_selected_stacks_and_shared_parts(common):
         assert torch.equal(model.gate[[1, 2]], before["gate"][[1, 2]]) and not torch.equal(model.gate, before["gate"])
 
 
+def _ddp_worker(rank: int, init_file: str, out_dir: str) -> None:
+    """Two DDP steps where rank 0 routes only to en and rank 1 to fr and py: de runs on no rank."""
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2,
+                            timeout=timedelta(seconds=60))  # a hang fails the test instead of blocking it
+    model = jeet(common=True).train()  # same seed: same weights on both ranks
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    moe = DistributedDataParallel(MoE(model), **DDP_KWARGS)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    for step in range(2):
+        ids = batch(2, seed=10 * rank + step)
+        out = moe(ids, labels=ids, routing=Routing.onehot(torch.tensor([[0, 0], [1, 3]][rank]), len(LANGS)))
+        out.loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    flat = torch.cat([p.detach().flatten() for p in model.parameters()])
+    gathered = [torch.zeros_like(flat) for _ in range(2)]
+    dist.all_gather(gathered, flat)
+    changed = sorted({n.split(".")[1] for n, p in model.named_parameters()
+                      if n.startswith("stacks.") and not torch.equal(p, before[n])})
+    (Path(out_dir) / f"{rank}.json").write_text(json.dumps(
+        {"ranks_equal": torch.equal(gathered[0], gathered[1]), "changed_stacks": changed}))
+    dist.destroy_process_group()
+
+
+def test_jeet_under_ddp_with_unused_stacks_does_not_hang_and_ranks_agree(tmp_path):
+    torch.multiprocessing.spawn(_ddp_worker, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
+    for rank in range(2):
+        result = json.loads((tmp_path / f"{rank}.json").read_text())
+        assert result == {"ranks_equal": True, "changed_stacks": sorted([COMMON, "en", "fr", "py"])}
+
+
 # --- artifacts and modularity
 
 
@@ -339,6 +378,10 @@ def test_clear_errors_for_user_mistakes():
         moe.experts.add("es", build_gpt2(TINY, V + 1, 0, 1))
     with pytest.raises(MomeError, match="expected"):
         moe(ids, routing=Routing(torch.tensor([0, 1]), torch.ones(2, 3)))
+    with pytest.raises(MomeError, match="expected"):
+        moe(ids, routing=Routing(torch.tensor([0, 4]), torch.ones(2, 4)))
+    with pytest.raises(MomeError, match="temperature"):
+        moe.generate(ids, temperature=-1, force="en")
     with pytest.raises(MomeError, match="not a language"):
         JEETConfig(LANGS + [COMMON], V, 0, 1, TINY)
     with pytest.raises(MomeError, match="needs common=True"):
