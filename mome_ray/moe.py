@@ -224,6 +224,7 @@ class MoE(nn.Module):
         Temperature 0 is greedy; otherwise nucleus sampling from a generator seeded with `seed`, so a seed
         gives the same text. A sequence that emitted `eos_id` is padded with it; the loop stops when all
         have. No KV cache: each step reruns the last `n_positions` tokens (fine for the small experts).
+        Call `moe.eval()` first (dropout).
         """
         if temperature < 0 or not 0 < top_p <= 1:
             raise MomeError(f"generate needs temperature >= 0 and 0 < top_p <= 1, got {temperature} and {top_p}")
@@ -308,7 +309,7 @@ class MoE(nn.Module):
     def _ran(self, plan: _Plan) -> list[tuple[str, ...]]:
         extra = (COMMON,) if plan.common else ()
         return [tuple(dict.fromkeys([self.members[m] for m in row.nonzero().flatten().tolist()] + list(extra)))
-                for row in plan.weights]
+                for row in plan.weights.cpu()]  # one device sync, not one per row
 
     # --- running the plan: each member once on its group of rows
 
