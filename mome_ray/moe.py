@@ -1,0 +1,345 @@
+"""The mixture of modular experts: one interface over PLE, JEET and MoE-CE.
+
+Experts are named by language (`["en", "fr", "de", "py"]`) plus an optional `common` expert. Routing is
+per sequence: a router maps (B, T) ids (+ attention mask) to a `Routing` — one expert index per sequence
+(−1 = unknown) and a (B, E) probability matrix over the language experts, in `moe.names` order.
+
+    moe = MoE(load_ple({"en": "run/experts/en", "fr": "run/experts/fr"}), router)      # PLE
+    moe = MoE(JEETModel(JEETConfig(langs, vocab, eos, pad, common=True)), router)       # MoE-CE (jeet.py)
+    out = moe(ids, attention_mask, labels=ids)          # out.logits (B, T, V), out.loss, out.experts
+    out = moe.score(ids, attention_mask)                # out.logprobs (B, T-1): log p(next token)
+    new = moe.generate(prompt_ids, max_new_tokens=50, temperature=0.8, top_p=0.95, seed=0, eos_id=eos)
+
+How a batch runs:
+- hard top-1 (default): sequences are grouped by expert, each expert runs once on its group, and the
+  logits are scattered back into batch order.
+- `mode="topk"` (beyond the paper): the k most probable experts' next-token *distributions* are mixed
+  with the renormalised router probabilities; the logits returned are the log of the mixture.
+- `force="fr"` runs one named expert on every sequence; `force=["en", "py"]` mixes the named experts'
+  distributions with equal weights.
+- `unknown` (index −1) goes to the common expert when there is one, else to the most probable expert.
+- `common=True` (MoE-CE only; its default) averages the common stack's last hidden state with the
+  selected expert's before the head; `common=False` runs the selected stack alone.
+
+The evaluation grid, one call per row:
+    router over all experts ± common     moe(ids, mask, common=True | False)
+    each expert forced ± common          moe(ids, mask, force="fr", common=True | False)
+    common expert alone                  moe(ids, mask, force="common")
+    uniform average of all experts       moe(ids, mask, force=moe.names)     (± common as above)
+    language + Python pairs              moe(ids, mask, force=["fr", "py"])
+    top-2 mixing                         moe(ids, mask, mode="topk", k=2)
+Parameter counts for a row: `moe.active_params(<same options>)` (per sequence) and `moe.total_params()`.
+
+An expert bank is any module with `names`, `has_common`, `combines_common`, `n_positions`,
+`vocab_size`, `logits(name, ids, mask, with_common)` and `active_params(names, with_common)`:
+`PLEExperts` here (whole HF models) and `JEETModel` in jeet.py (stacks over shared parts).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mome_ray.errors import MomeError
+from mome_ray.jeet import COMMON
+from mome_ray.models import n_params
+from mome_ray.training import lm_loss
+
+UNKNOWN = -1  # Routing.index of a sequence the router could not place
+
+
+@dataclass
+class Routing:
+    """Per-sequence routing decision: index (B,) into the experts (−1 = unknown), probs (B, E)."""
+
+    index: torch.Tensor
+    probs: torch.Tensor
+
+    @classmethod
+    def onehot(cls, index: torch.Tensor, n_experts: int) -> Routing:
+        """Routing from known labels, e.g. each training sequence's language (JEET training)."""
+        return cls(index, F.one_hot(index.clamp(min=0), n_experts).float() * (index >= 0).unsqueeze(1))
+
+
+Router = Callable[[torch.Tensor, "torch.Tensor | None"], Routing]  # (input_ids, attention_mask) -> Routing
+
+
+def text_router(classifier: Any, tokenizer: Any, names: Sequence[str]) -> Router:
+    """Adapt a text classifier to a `Router`: decode each sequence's ids with the tokenizer and classify it.
+
+    `classifier.predict_proba(texts)` returns `(labels, probs)`: the class names of the columns and a
+    (N, C) probability array. A sequence whose most probable class is not one of `names` (e.g. an
+    `unknown` class) is routed as unknown; every expert must be one of the classes.
+    """
+
+    def route(input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> Routing:
+        rows = input_ids.tolist() if attention_mask is None else [
+            [t for t, keep in zip(ids, mask) if keep] for ids, mask in zip(input_ids.tolist(), attention_mask.tolist())]
+        labels, probs = classifier.predict_proba(tokenizer.batch_decode(rows))
+        labels, probs = list(labels), torch.as_tensor(probs, dtype=torch.float32)
+        missing = [n for n in names if n not in labels]
+        if missing:
+            raise MomeError(f"the router has no class for expert(s) {missing} (its classes: {labels}); "
+                            f"retrain the router on every expert's language")
+        cols = torch.tensor([labels.index(n) for n in names])
+        best = [labels[i] for i in probs.argmax(1).tolist()]
+        index = torch.tensor([list(names).index(b) if b in names else UNKNOWN for b in best])
+        return Routing(index.to(input_ids.device), probs[:, cols].to(input_ids.device))
+
+    return route
+
+
+# --- PLE: every expert a whole HF causal LM
+
+
+class PLEExperts(nn.Module):
+    """Pre-trained Language Experts: one whole model per language (+ an optional `common` model)."""
+
+    combines_common = False  # whole models have no shared head: a common model is a fallback, not a mix
+
+    def __init__(self, models: dict[str, nn.Module]):
+        super().__init__()
+        if not models:
+            raise MomeError("PLE needs at least one expert model")
+        self.models = nn.ModuleDict()
+        for name, model in models.items():
+            self.add(name, model)
+
+    def add(self, name: str, model: nn.Module) -> None:
+        """Add an expert; the others are untouched (their outputs stay bit-identical)."""
+        if name in self.models:
+            raise MomeError(f"PLE already has an expert '{name}'")
+        if self.models and model.config.vocab_size != self.vocab_size:
+            raise MomeError(f"expert '{name}' has a vocabulary of {model.config.vocab_size} but the other experts "
+                            f"have {self.vocab_size}; distil every expert with the run's tokenizer")
+        self.models[name] = model
+
+    @property
+    def names(self) -> list[str]:
+        return [n for n in self.models if n != COMMON]
+
+    @property
+    def has_common(self) -> bool:
+        return COMMON in self.models
+
+    @property
+    def n_positions(self) -> int:
+        return min(m.config.n_positions for m in self.models.values())
+
+    @property
+    def vocab_size(self) -> int:
+        return next(iter(self.models.values())).config.vocab_size
+
+    def logits(self, name: str, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
+               with_common: bool) -> torch.Tensor:
+        if with_common:
+            raise MomeError("PLE experts are whole models and cannot be averaged with the common expert; "
+                            "that is MoE-CE (a JEETModel with common=True)")
+        return self.models[name](input_ids=input_ids, attention_mask=attention_mask).logits
+
+    def active_params(self, names: list[str], with_common: bool) -> int:
+        return sum(n_params(self.models[n]) for n in set(names))
+
+
+def load_ple(dirs: dict[str, Path]) -> PLEExperts:
+    """PLE from saved HF models, e.g. `{lang: run/experts/<lang>}` (+ `"common": ...`)."""
+    from transformers import AutoModelForCausalLM
+
+    models = {}
+    for name, d in dirs.items():
+        if not (Path(d) / "config.json").is_file():
+            raise MomeError(f"no model for expert '{name}' in '{d}' (config.json missing); distil it first")
+        models[name] = AutoModelForCausalLM.from_pretrained(str(d))
+    return PLEExperts(models)
+
+
+# --- the mixture
+
+
+@dataclass
+class MoEOutput:
+    logits: torch.Tensor  # (B, T, V); log-probabilities when experts were mixed
+    loss: torch.Tensor | None  # next-token cross-entropy when labels were given (−100 = ignore)
+    experts: list[tuple[str, ...]]  # per sequence, the experts that ran (the common one included)
+
+
+@dataclass
+class Scores:
+    logprobs: torch.Tensor  # (B, T−1): log p(token t+1 | ≤ t); 0 where the target is padding
+    experts: list[tuple[str, ...]]
+
+
+@dataclass
+class _Plan:
+    weights: torch.Tensor  # (B, M) over members = names (+ common); a one-hot row is hard routing
+    mix: bool  # mix the members' distributions (else each row has exactly one member)
+    common: bool  # average the common stack in (MoE-CE)
+
+
+class MoE(nn.Module):
+    """Per-sequence routing over an expert bank (`PLEExperts` or `JEETModel`)."""
+
+    def __init__(self, experts: nn.Module, router: Router | None = None):
+        super().__init__()
+        self.experts = experts
+        self.router = router
+
+    @property
+    def names(self) -> list[str]:
+        return self.experts.names
+
+    @property
+    def members(self) -> list[str]:
+        """Everything that can run: the language experts, then the common expert if there is one."""
+        return self.names + ([COMMON] if self.experts.has_common else [])
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                labels: torch.Tensor | None = None, *, routing: Routing | None = None,
+                force: str | Sequence[str] | None = None, mode: str = "top1", k: int = 2,
+                common: bool | None = None) -> MoEOutput:
+        plan = self._plan(input_ids, attention_mask, routing, force, mode, k, common)
+        logits = self._run(input_ids, attention_mask, plan)
+        loss = lm_loss(logits, labels) if labels is not None else None
+        return MoEOutput(logits, loss, self._ran(plan))
+
+    def score(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **select) -> Scores:
+        """Per-token log-probabilities of the next token; `select`: forward's routing options."""
+        out = self(input_ids, attention_mask, **select)
+        logprobs = F.log_softmax(out.logits[:, :-1].float(), -1).gather(-1, input_ids[:, 1:, None]).squeeze(-1)
+        if attention_mask is not None:
+            logprobs = logprobs * attention_mask[:, 1:]
+        return Scores(logprobs, out.experts)
+
+    @torch.no_grad()
+    def generate(self, input_ids: torch.Tensor, max_new_tokens: int = 32, temperature: float = 1.0,
+                 top_p: float = 1.0, seed: int = 0, eos_id: int | None = None, **select) -> torch.Tensor:
+        """Continue equal-length prompts (B, T) -> (B, T + n). Routing is decided once, on the prompt.
+
+        Temperature 0 is greedy; otherwise nucleus sampling from a generator seeded with `seed`, so a seed
+        gives the same text. A sequence that emitted `eos_id` is padded with it; the loop stops when all
+        have. No KV cache: each step reruns the last `n_positions` tokens (fine for the small experts).
+        Call `moe.eval()` first (dropout).
+        """
+        if temperature < 0 or not 0 < top_p <= 1:
+            raise MomeError(f"generate needs temperature >= 0 and 0 < top_p <= 1, got {temperature} and {top_p}")
+        plan = self._plan(input_ids, None, select.pop("routing", None), **select)
+        gen = torch.Generator(device=input_ids.device).manual_seed(seed)
+        ids, done = input_ids, torch.zeros(len(input_ids), dtype=torch.bool, device=input_ids.device)
+        for _ in range(max_new_tokens):
+            logits = self._run(ids[:, -self.experts.n_positions:], None, plan)[:, -1].float()  # (B, V)
+            nxt = _sample(logits, temperature, top_p, gen)
+            if eos_id is not None:
+                nxt = torch.where(done, torch.full_like(nxt, eos_id), nxt)
+                done |= nxt == eos_id
+            ids = torch.cat([ids, nxt[:, None]], 1)
+            if done.all():
+                break
+        return ids
+
+    def active_params(self, force: str | Sequence[str] | None = None, mode: str = "top1", k: int = 2,
+                      common: bool | None = None) -> int:
+        """Parameters one sequence runs through under these options (routed: the largest choice)."""
+        common = self._common(common)
+        if force is not None:
+            return self.experts.active_params(self._forced(force), common)
+        picks = [[n] for n in self.members] if mode == "top1" else [
+            sorted(self.names, key=lambda n: -self.experts.active_params([n], False))[:k]]
+        return max(self.experts.active_params(p, common) for p in picks)
+
+    def total_params(self) -> int:
+        return n_params(self.experts)
+
+    # --- routing plan: which members run on which rows, with which weight
+
+    def _plan(self, input_ids, attention_mask, routing: Routing | None, force=None, mode: str = "top1",
+              k: int = 2, common: bool | None = None) -> _Plan:
+        if input_ids.ndim != 2 or input_ids.numel() == 0:
+            raise MomeError(f"MoE needs a non-empty (B, T) batch of token ids, got shape {tuple(input_ids.shape)}")
+        common, n = self._common(common), len(input_ids)
+        weights = torch.zeros(n, len(self.members), device=input_ids.device)
+        if force is not None:
+            if routing is not None or mode != "top1":
+                raise MomeError("pass either force= or routing=/mode=, not both")
+            forced = self._forced(force)
+            weights[:, [self.members.index(f) for f in forced]] = 1 / len(forced)
+            return _Plan(weights, not isinstance(force, str), common)
+        if mode not in ("top1", "topk"):
+            raise MomeError(f"unknown MoE mode '{mode}'; use 'top1' or 'topk'")
+        routing = routing if routing is not None else self._route(input_ids, attention_mask)
+        if routing.probs.shape != (n, len(self.names)) or routing.index.shape != (n,) \
+                or int(routing.index.min()) < UNKNOWN or int(routing.index.max()) >= len(self.names):
+            raise MomeError(f"routing has index {tuple(routing.index.shape)} / probs {tuple(routing.probs.shape)}, "
+                            f"expected ({n},) / {(n, len(self.names))} for experts {self.names}; "
+                            f"retrain the router on exactly these experts")
+        routing = Routing(routing.index.to(weights.device), routing.probs.to(weights.device))
+        unknown = routing.index == UNKNOWN
+        if mode == "top1":
+            weights[torch.arange(n), routing.index.clamp(min=0)] = 1.0
+        else:
+            if not 1 <= k <= len(self.names):
+                raise MomeError(f"top-k needs 1 <= k <= {len(self.names)} (the number of experts), got {k}")
+            top = routing.probs.float().topk(k, dim=1)
+            weights.scatter_(1, top.indices, top.values / top.values.sum(1, keepdim=True).clamp(min=1e-12))
+        fallback = torch.full((n,), len(self.names), device=weights.device) if self.experts.has_common \
+            else routing.probs.argmax(1)
+        weights[unknown] = F.one_hot(fallback[unknown], len(self.members)).float()
+        return _Plan(weights, mode == "topk", common)
+
+    def _route(self, input_ids, attention_mask) -> Routing:
+        if self.router is None:
+            raise MomeError("this MoE has no router: pass routing=... or force=<expert>")
+        return self.router(input_ids, attention_mask)
+
+    def _forced(self, force: str | Sequence[str]) -> list[str]:
+        forced = [force] if isinstance(force, str) else list(force)
+        unknown = [f for f in forced if f not in self.members]
+        if unknown or not forced:
+            raise MomeError(f"no expert {unknown or forced} in this MoE; experts: {self.members}")
+        return forced
+
+    def _common(self, common: bool | None) -> bool:
+        return self.experts.combines_common if common is None else common
+
+    def _ran(self, plan: _Plan) -> list[tuple[str, ...]]:
+        extra = (COMMON,) if plan.common else ()
+        return [tuple(dict.fromkeys([self.members[m] for m in row.nonzero().flatten().tolist()] + list(extra)))
+                for row in plan.weights.cpu()]  # one device sync, not one per row
+
+    # --- running the plan: each member once on its group of rows
+
+    def _run(self, input_ids, attention_mask, plan: _Plan) -> torch.Tensor:
+        order, pieces = [], []
+        for m, name in enumerate(self.members):
+            rows = plan.weights[:, m].nonzero().flatten()
+            if len(rows) == 0:
+                continue
+            mask = attention_mask[rows] if attention_mask is not None else None
+            logits = self.experts.logits(name, input_ids[rows], mask, plan.common)  # (b, T, V)
+            if plan.mix:  # weighted log-probs of this member, logsumexp-ed below
+                logits = F.log_softmax(logits.float(), -1) + plan.weights[rows, m].log()[:, None, None]
+            order.append(rows)
+            pieces.append(logits)
+        if not plan.mix:  # one member per row: scatter the groups back into batch order
+            return torch.cat(pieces)[torch.cat(order).argsort()]
+        mixed = torch.full((len(input_ids), *pieces[0].shape[1:]), float("-inf"), device=pieces[0].device)
+        for rows, logp in zip(order, pieces):
+            mixed = mixed.index_put((rows,), torch.logaddexp(mixed[rows], logp))
+        return mixed
+
+
+def _sample(logits: torch.Tensor, temperature: float, top_p: float, gen: torch.Generator) -> torch.Tensor:
+    """Next token per row from (B, V) logits: greedy at temperature 0, else nucleus sampling."""
+    if temperature == 0:
+        return logits.argmax(-1)
+    probs = F.softmax(logits / temperature, -1)
+    sorted_p, idx = probs.sort(-1, descending=True)
+    keep = sorted_p.cumsum(-1) - sorted_p < top_p  # the smallest prefix whose mass reaches top_p
+    sorted_p = sorted_p * keep
+    choice = torch.multinomial(sorted_p / sorted_p.sum(-1, keepdim=True), 1, generator=gen)
+    return idx.gather(-1, choice).squeeze(-1)
