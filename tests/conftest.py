@@ -30,6 +30,9 @@ RAY_ENV = {
     "RAY_TRAIN_ENABLE_V2_MIGRATION_WARNINGS": "0",
     "RAY_TRAIN_ENABLE_PRINT_PATCH": "0",  # else Train tees every print through its logger: lines twice
 }
+# Ray reads some of these once, when first imported (e.g. whether 127.0.0.1 stays loopback), and a test
+# module may import Ray before any fixture runs: set them now.
+os.environ.update(RAY_ENV)
 
 SENTENCES = {
     "en": [
@@ -117,7 +120,6 @@ def ray_head():
     # Free ports for everything with a fixed default, so parallel test sessions coexist.
     port, dash, client, agent = (_free_port() for _ in range(4))
     env = {**os.environ, **RAY_ENV, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
-    os.environ.update(RAY_ENV)
     cmd = [str(Path(sys.executable).parent / "ray"), "start", "--head", "--node-ip-address=127.0.0.1",
            f"--port={port}", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", f"--temp-dir={temp_dir}",
            f"--ray-client-server-port={client}", f"--dashboard-agent-listen-port={agent}", "--num-cpus=2",
@@ -126,11 +128,13 @@ def ray_head():
     import ray
 
     address = f"127.0.0.1:{port}"
-    ray.init(address=address)
-    yield {"address": address, "dashboard": f"http://127.0.0.1:{dash}", "temp_dir": temp_dir, "env": env}
-    ray.shutdown()
-    _stop_cluster(temp_dir, port)
-    shutil.rmtree(temp_dir, ignore_errors=True)
+    try:
+        ray.init(address=address)
+        yield {"address": address, "dashboard": f"http://127.0.0.1:{dash}", "temp_dir": temp_dir, "env": env}
+    finally:
+        ray.shutdown()
+        _stop_cluster(temp_dir, port)
+        shutil.rmtree(temp_dir, ignore_errors=True)
 
 
 def _stop_cluster(temp_dir: str, port: int) -> None:
