@@ -12,7 +12,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_help_lists_the_stages():
     out = subprocess.run([sys.executable, "-m", "mome_ray.cli", "--help"], capture_output=True, text=True,
                          cwd=ROOT).stdout
-    for stage in ("corpus", "tokenizer", "teacher", "pipeline"):
+    for stage in ("corpus", "tokenizer", "teacher", "distill", "sweep", "pipeline"):
         assert stage in out
 
 
@@ -29,3 +29,22 @@ def test_empty_user_dir_exits_2(tmp_path, capsys):
                  f"corpus.user_dir={tmp_path}"])
     assert code == 2 and "has no .txt" in capsys.readouterr().err
     assert not (tmp_path / "run" / "corpus").exists()  # nothing half-written
+
+
+def test_distill_on_an_empty_run_dir_says_which_command_makes_its_input(tmp_path, capsys):
+    assert main(["distill", "--config", str(ROOT / "configs/tiny.yaml"), f"run_dir={tmp_path}"]) == 2
+    err = capsys.readouterr().err
+    assert "no 'tokenizer' artifact" in err and "run 'mome tokenizer" in err and "Traceback" not in err
+
+
+def test_sweep_needs_a_known_sweep(capsys):
+    try:
+        main(["sweep", "nope"])
+    except SystemExit as e:
+        assert e.code == 2
+    assert "invalid choice: 'nope'" in capsys.readouterr().err
+
+
+def test_bad_kd_loss_exits_2(capsys):
+    assert main(["distill", "--config", str(ROOT / "configs/tiny.yaml"), "distill.kd_loss=kl"]) == 2
+    assert "distill.kd_loss 'kl' is not one of" in capsys.readouterr().err
