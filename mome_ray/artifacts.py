@@ -3,6 +3,7 @@
     RUN_DIR/corpus/      data/ (HF datasets), manifest.json
     RUN_DIR/tokenizer/   HF tokenizer files, tokens/<split>/<lang>.npy
     RUN_DIR/teacher/     model.safetensors + config.json (AutoModelForCausalLM), tokenizer files
+    RUN_DIR/router/      router.skops + router.json (mome_ray.router.load_router), confusion.png
 
 `meta.json` = {stage, config (also as run_config.yaml), metrics, parents, versions, seed, created}. The next stage finds its inputs
 through `read_meta`, never by guessing paths. A stage writes into a temporary sibling folder and swaps it
@@ -27,6 +28,7 @@ MAKES = {
     "corpus": "mome corpus build",
     "tokenizer": "mome tokenizer",
     "teacher": "mome teacher",
+    "router": "mome router",
 }
 
 

@@ -4,6 +4,8 @@
     mome corpus build --config configs/small.yaml
     mome tokenizer    --config configs/small.yaml
     mome teacher      --config configs/small.yaml teacher.train.max_steps=100
+    mome router       --config configs/small.yaml
+    mome sweep router --config configs/small.yaml
     mome pipeline     --config configs/small.yaml
 
 Trailing `a.b=c` arguments override the config. Connects to RAY_ADDRESS when set, else starts a local
@@ -16,6 +18,10 @@ import argparse
 import sys
 
 from mome_ray.errors import MomeError
+
+
+# `mome sweep ACTION`: what each sweep does (its function is looked up in `main`).
+SWEEPS_HELP = {"router": "features x classifiers for the router (tune_spaces/router.yaml); the best is saved"}
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -39,6 +45,13 @@ def _parser() -> argparse.ArgumentParser:
     stage("tokenizer", "train the byte-level BPE tokenizer on all languages into RUN_DIR/tokenizer")
     t = stage("teacher", "train the GPT-2 teacher with Ray Train (DDP) into RUN_DIR/teacher")
     t.add_argument("--fresh", action="store_true", help="ignore an interrupted run's checkpoints")
+    stage("router", "train the sequence -> language router into RUN_DIR/router and print its metrics")
+    sweep = sub.add_parser("sweep", help="Ray Tune sweeps")
+    ssub = sweep.add_subparsers(dest="action", required=True, metavar="ACTION")
+    for name, help in SWEEPS_HELP.items():
+        s = ssub.add_parser(name, help=help, description=help)
+        s.add_argument("--config", "-c")
+        s.add_argument("overrides", nargs="*", metavar="key.path=value")
     pl = stage("pipeline", "run every stage in order, skipping the ones already up to date")
     pl.add_argument("--force", action="store_true", help="re-run every stage")
     return p
@@ -57,6 +70,11 @@ def main(argv: list[str] | None = None) -> int:
             stages.tokenizer(cfg)
         elif args.cmd == "teacher":
             stages.teacher(cfg, fresh=args.fresh)
+        elif args.cmd == "router":
+            stages.router(cfg)
+        elif args.cmd == "sweep":
+            sweeps = {"router": stages.sweep_router}
+            sweeps[args.action](cfg)
         elif args.cmd == "pipeline":
             stages.run_pipeline(cfg, force=args.force)
     except MomeError as e:

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from mome_ray.cluster import RayConfig
 from mome_ray.config import apply_overrides, from_dict, load_yaml
 from mome_ray.corpus.build import CorpusConfig
+from mome_ray.router.model import RouterConfig
 from mome_ray.teacher import TeacherConfig
 from mome_ray.tokenizer import TokenizerConfig
 
@@ -22,6 +23,7 @@ class Settings:
     corpus: CorpusConfig = field(default_factory=CorpusConfig)
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    router: RouterConfig = field(default_factory=RouterConfig)
     ray: RayConfig = field(default_factory=RayConfig)
 
 
