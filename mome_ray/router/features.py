@@ -73,5 +73,6 @@ def _float32():
 
 def ids_as_text(tokenizer, texts: list[str]) -> list[str]:
     """Token ids of each text as one space-separated string, the input of `token_tfidf`."""
-    ids = tokenizer(texts, add_special_tokens=False)["input_ids"]
-    return [" ".join(map(str, x)) for x in ids]
+    # The Rust tokenizer directly, without offsets: half the time of `tokenizer(texts)`, the same ids.
+    encodings = tokenizer.backend_tokenizer.encode_batch_fast(texts, add_special_tokens=False)
+    return [" ".join(map(str, e.ids)) for e in encodings]

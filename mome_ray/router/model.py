@@ -12,7 +12,7 @@ mostly control or undecodable characters), or when the classifier's top probabil
 
 from __future__ import annotations
 
-import unicodedata
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -24,6 +24,7 @@ from mome_ray.router.features import build_features, feature_params, ids_as_text
 
 UNKNOWN = "unknown"
 MAX_BAD_CHARS = 0.2  # a string with a larger share of control / undecodable characters is not text
+BAD_CHARS = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f\ufffd]")  # C0/C1 controls but tab/newline/CR; U+FFFD
 
 
 @dataclass
@@ -66,8 +67,7 @@ def is_text(x: Any) -> bool:
     """A non-empty string that is mostly printable characters (not binary data decoded as text)."""
     if not isinstance(x, str) or not x.strip():
         return False
-    bad = sum(1 for c in x if c == "\ufffd" or (unicodedata.category(c)[0] == "C" and not c.isspace()))
-    return bad <= MAX_BAD_CHARS * len(x)
+    return len(BAD_CHARS.findall(x)) <= MAX_BAD_CHARS * len(x)
 
 
 class Router:
