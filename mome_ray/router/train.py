@@ -55,7 +55,8 @@ def sweep_and_train(cfg: RouterConfig, langs: list[str], run_dir: Path, holdout:
     df, best = sweep_router(cfg, tok_dir, (*train, *val), storage,
                             tracking_callbacks(cfg.sweep.mlflow_uri, "sweep-router"), log)
     write_table(df, out, "sweep_results")
-    log(markdown_table(df.head(10), floatfmt=".4f"))
+    shown = ["features", "classifier", "params", cfg.sweep.metric, "val_f1_weighted", "fit_s", "seq_per_s", "model_kb"]
+    log(markdown_table(df[list(dict.fromkeys(shown))].head(10), floatfmt=".4g"))
     metrics = train_router(best, langs, run_dir, holdout, seed, out, log)
     metrics["sweep"] = {"trials": len(df), "metric": cfg.sweep.metric, "best": df.iloc[0][list(
         ("features", "classifier", "params", cfg.sweep.metric))].to_dict()}
