@@ -159,7 +159,9 @@ def test_bad_router_config_names_the_key():
         RouterConfig(features="words")
 
 
-def test_search_space_names_only_known_features_classifiers_and_params():
+def test_search_space_names_only_known_features_classifiers_and_params(ray_head):
+    # ray_head first: `to_tune` imports Ray, which reads RAY_AUTH_MODE once, at import; the session head's
+    # fixture sets it (a Ray imported before it would try token auth against the test head and hang).
     from mome_ray.sweeps import load_space, to_tune
 
     space = load_space(ROOT / "tune_spaces/router.yaml")
