@@ -27,6 +27,9 @@ MAX_BAD_CHARS = 0.2  # a string with a larger share of control / undecodable cha
 BAD_CHARS = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f\ufffd]")  # C0/C1 controls but tab/newline/CR; U+FFFD
 
 
+SWEEP_METRICS = [f"val_{m}" for m in ("accuracy", "f1_weighted", "f1_macro", "precision_weighted", "recall_weighted")]
+
+
 @dataclass
 class RouterSweepConfig:
     space: str = "tune_spaces/router.yaml"  # search space (see mome_ray/sweeps.py for the format)
@@ -35,6 +38,12 @@ class RouterSweepConfig:
     max_concurrent: int = 0  # 0 = as many as the cluster's CPUs allow
     metric: str = "val_accuracy"  # what picks the best trial (mixed-length validation windows)
     mlflow_uri: str = ""  # also log trials to MLflow when set
+
+    def __post_init__(self):
+        if self.metric not in SWEEP_METRICS:
+            raise MomeError(f"router.sweep.metric '{self.metric}' is not a trial metric; choose one of {SWEEP_METRICS}")
+        if self.num_samples < 1 or self.cpus_per_trial <= 0:
+            raise MomeError("router.sweep.num_samples must be >= 1 and router.sweep.cpus_per_trial > 0")
 
 
 @dataclass
@@ -73,7 +82,7 @@ def is_text(x: Any) -> bool:
 class Router:
     """Fitted sklearn pipeline (features -> classifier) plus what it needs around it."""
 
-    def __init__(self, pipeline, features: str, tokenizer=None, unknown_below: float = 0.5, batch_size: int = 1024):
+    def __init__(self, pipeline, features: str, tokenizer=None, unknown_below: float = 0.4, batch_size: int = 1024):
         if uses_tokens(features) and tokenizer is None:
             raise MomeError(f"router features '{features}' read token ids; give the router a tokenizer")
         self.pipeline, self.features, self.tokenizer = pipeline, features, tokenizer
