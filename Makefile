@@ -25,6 +25,8 @@ test: venv
 
 bench: venv
 	$(PY) benchmarks/train_throughput.py
+	$(PY) -m pip install -q -e '.[bench]'
+	$(PY) benchmarks/router_vs_langid.py --run-dir runs/$(PRESET)
 
 clean:
 	rm -rf runs .pytest_cache

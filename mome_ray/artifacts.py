@@ -5,6 +5,7 @@
     RUN_DIR/teacher/     model.safetensors + config.json (AutoModelForCausalLM), tokenizer files
     RUN_DIR/experts/     <lang>/, nokd-<lang>/, multilingual/ (each a model artifact with its own meta.json),
                          eval.csv + eval.md, and meta.json of the whole stage (written last)
+    RUN_DIR/router/      router.skops + router.json (mome_ray.router.load_router), confusion.png
 
 `meta.json` = {stage, config (also as run_config.yaml), metrics, parents, versions, seed, created}. The next stage finds its inputs
 through `read_meta`, never by guessing paths. A stage writes into a temporary sibling folder and swaps it
@@ -31,6 +32,7 @@ MAKES = {
     "teacher": "mome teacher",
     "experts": "mome distill",
     "sweep_kd": "mome sweep kd",
+    "router": "mome router",
 }
 
 

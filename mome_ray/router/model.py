@@ -1,0 +1,124 @@
+"""The router: a fitted feature pipeline + classifier that maps each text to a language code or `unknown`.
+
+    router = fit_router(cfg, texts, labels, tokenizer)
+    router.predict(["def f(x):", "Bonjour tout le monde"])      # -> ["py", "fr"]
+    classes, probs = router.predict_proba(texts)                # probs: (len(texts), len(classes))
+
+Each text is routed on its own (never a batch flattened into one string, the paper code's bug), in chunks
+of `batch_size`. A text gets `unknown` when it is not text at all (empty or whitespace-only, not a `str`,
+mostly control or undecodable characters), or when the classifier's top probability is below
+`unknown_below`; the MoE sends `unknown` to its common expert.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from mome_ray.errors import MomeError
+from mome_ray.router.classifiers import build_classifier, classifier_params
+from mome_ray.router.features import build_features, feature_params, ids_as_text, uses_tokens
+
+UNKNOWN = "unknown"
+MAX_BAD_CHARS = 0.2  # a string with a larger share of control / undecodable characters is not text
+BAD_CHARS = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f\ufffd]")  # C0/C1 controls but tab/newline/CR; U+FFFD
+
+
+SWEEP_METRICS = [f"val_{m}" for m in ("accuracy", "f1_weighted", "f1_macro", "precision_weighted", "recall_weighted")]
+
+
+@dataclass
+class RouterSweepConfig:
+    space: str = "tune_spaces/router.yaml"  # search space (see mome_ray/sweeps.py for the format)
+    num_samples: int = 1  # samples of the random domains per grid point
+    cpus_per_trial: float = 1.0
+    max_concurrent: int = 0  # 0 = as many as the cluster's CPUs allow
+    metric: str = "val_accuracy"  # what picks the best trial (mixed-length validation windows)
+    mlflow_uri: str = ""  # also log trials to MLflow when set
+
+    def __post_init__(self):
+        if self.metric not in SWEEP_METRICS:
+            raise MomeError(f"router.sweep.metric '{self.metric}' is not a trial metric; choose one of {SWEEP_METRICS}")
+        if self.num_samples < 1 or self.cpus_per_trial <= 0:
+            raise MomeError("router.sweep.num_samples must be >= 1 and router.sweep.cpus_per_trial > 0")
+
+
+@dataclass
+class RouterConfig:
+    features: str = "token_tfidf"  # token_tfidf | char_tfidf | hashing (router/features.py)
+    feature_params: dict[str, Any] = field(default_factory=dict)  # overrides of that kind's defaults
+    classifier: str = "logreg"  # router/classifiers.py: logreg, sgd, linear_svc, ridge, complement_nb, ...
+    classifier_params: dict[str, Any] = field(default_factory=dict)  # e.g. {C: 10.0}
+    unknown_below: float = 0.4  # top probability under this -> "unknown" (4 languages: chance is 0.25)
+    sequence_length: int = 128  # tokens of one MoE sequence (the teacher's n_positions); the longest window
+    min_window: int = 4  # shortest training window, in tokens
+    examples_per_lang: int = 4000  # training windows per language: half full sequences, half shorter
+    eval_lengths: list[int] = field(default_factory=lambda: [8, 16, 32, 64, 128])  # test window lengths
+    eval_per_lang: int = 400  # test windows per language and length (and mixed cases per kind)
+    batch_size: int = 1024  # texts per predict chunk
+    sweep: RouterSweepConfig = field(default_factory=RouterSweepConfig)
+
+    def __post_init__(self):
+        feature_params(self.features, self.feature_params)
+        classifier_params(self.classifier, self.classifier_params)
+        if not 0 <= self.unknown_below < 1:
+            raise MomeError(f"router.unknown_below must be in [0, 1), got {self.unknown_below}")
+        if not 1 <= self.min_window <= self.sequence_length:
+            raise MomeError("router.min_window must be >= 1 and <= router.sequence_length")
+        if self.examples_per_lang < 2 or self.eval_per_lang < 1 or self.batch_size < 1:
+            raise MomeError("router.examples_per_lang must be >= 2, eval_per_lang and batch_size >= 1")
+
+
+def is_text(x: Any) -> bool:
+    """A non-empty string that is mostly printable characters (not binary data decoded as text)."""
+    if not isinstance(x, str) or not x.strip():
+        return False
+    return len(BAD_CHARS.findall(x)) <= MAX_BAD_CHARS * len(x)
+
+
+class Router:
+    """Fitted sklearn pipeline (features -> classifier) plus what it needs around it."""
+
+    def __init__(self, pipeline, features: str, tokenizer=None, unknown_below: float = 0.4, batch_size: int = 1024):
+        if uses_tokens(features) and tokenizer is None:
+            raise MomeError(f"router features '{features}' read token ids; give the router a tokenizer")
+        self.pipeline, self.features, self.tokenizer = pipeline, features, tokenizer
+        self.unknown_below, self.batch_size = unknown_below, batch_size
+
+    @property
+    def classes(self) -> list[str]:
+        return [str(c) for c in self.pipeline.classes_]
+
+    def _inputs(self, texts: list[str]) -> list[str]:
+        return ids_as_text(self.tokenizer, texts) if uses_tokens(self.features) else texts
+
+    def predict_proba(self, texts: list) -> tuple[list[str], np.ndarray]:
+        """(class labels, probabilities (N, len(labels))); a row of zeros for input that is not text."""
+        probs = np.zeros((len(texts), len(self.classes)), dtype=np.float64)
+        ok = [i for i, t in enumerate(texts) if is_text(t)]
+        for start in range(0, len(ok), self.batch_size):
+            rows = ok[start : start + self.batch_size]
+            probs[rows] = self.pipeline.predict_proba(self._inputs([texts[i] for i in rows]))
+        return self.classes, probs
+
+    def predict(self, texts: list) -> list[str]:
+        """One language code per text, or `unknown` (not text, or top probability below the threshold)."""
+        classes, probs = self.predict_proba(texts)
+        best = probs.argmax(axis=1)
+        top = probs[np.arange(len(texts)), best]
+        return [classes[b] if p > 0 and p >= self.unknown_below else UNKNOWN for b, p in zip(best, top)]
+
+
+def fit_router(cfg: RouterConfig, texts: list[str], labels: list[str], tokenizer=None, seed: int = 0) -> Router:
+    """Fit the configured features + classifier on (text, language) examples."""
+    from sklearn.pipeline import Pipeline
+
+    pipeline = Pipeline([("features", build_features(cfg.features, cfg.feature_params)),
+                         ("classifier", build_classifier(cfg.classifier, cfg.classifier_params, seed))])
+    router = Router(pipeline, cfg.features, tokenizer if uses_tokens(cfg.features) else None,
+                    cfg.unknown_below, cfg.batch_size)
+    pipeline.fit(router._inputs(texts), labels)
+    return router
