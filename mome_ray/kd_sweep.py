@@ -76,7 +76,7 @@ def sweep_kd(cfg, out_dir: Path, log=print) -> dict:
 
     from mome_ray.distill import check_teacher
     from mome_ray.launch import slots
-    from mome_ray.sweeps import load_space, max_concurrent, to_tune, tracking_callbacks, write_table
+    from mome_ray.sweeps import TRIAL_CPU, load_space, max_concurrent, to_tune, tracking_callbacks, write_table
 
     d: DistillConfig = cfg.distill
     s = d.sweep
@@ -92,13 +92,13 @@ def sweep_kd(cfg, out_dir: Path, log=print) -> dict:
         base["train"]["max_steps"] = s.max_steps
     evals = -(-base["train"]["max_steps"] // d.train.eval_every)  # reports per trial
     slots(d.scaling, "a sweep trial")
-    width = max_concurrent(d.scaling.num_workers * d.scaling.cpus_per_worker, s.max_concurrent)
+    width = max_concurrent(d.scaling.num_workers * d.scaling.cpus_per_worker + TRIAL_CPU, s.max_concurrent)
     storage = storage_path(cfg.ray, run_dir)
     shutil.rmtree(Path(storage) / "sweep-kd", ignore_errors=True)  # a sweep starts over; results are copied out
     log(f"[sweep kd] expert '{lang}', {base['train']['max_steps']} steps per trial, {width} trials at a time, "
         f"ASHA on val_ppl (grace {s.grace_period} of {evals} evaluations)")
     tuner = tune.Tuner(
-        tune.with_resources(trial_fn, {"CPU": 0.001}),
+        tune.with_resources(trial_fn, {"CPU": TRIAL_CPU}),
         param_space={"params": to_tune(space), "base": base, "lang": lang, "seed": cfg.seed,
                      "run_dir": str(run_dir.resolve()), "ray": to_dict(cfg.ray)},
         tune_config=tune.TuneConfig(

@@ -57,6 +57,12 @@ def load_space(path: str | Path) -> dict:
     return load_yaml(str(path))
 
 
+# What a trial that launches a TorchTrainer asks for itself (its Train workers hold the real CPUs). Count it
+# in `max_concurrent`: two such trials of 1 CPU need 2.002 CPUs, and a trial admitted without room for its
+# workers only holds its share and waits.
+TRIAL_CPU = 0.001
+
+
 def max_concurrent(cpus_per_trial: float, limit: int = 0) -> int:
     """How many trials fit on the cluster at once (at least 1), capped by `limit` when it is set."""
     import ray

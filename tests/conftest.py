@@ -119,7 +119,10 @@ def ray_head():
     temp_dir = tempfile.mkdtemp(prefix="mr", dir="/tmp")  # short: Ray's socket paths have a length limit
     # Free ports for everything with a fixed default, so parallel test sessions coexist.
     port, dash, client, agent = (_free_port() for _ in range(4))
-    env = {**os.environ, **RAY_ENV, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    # RAY_ADDRESS in the head's environment reaches every worker it spawns: Train's PlacementGroupCleaner
+    # looks the cluster up by address, and with another cluster on the machine it would not know which.
+    env = {**os.environ, **RAY_ENV, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
+           "RAY_ADDRESS": f"127.0.0.1:{port}"}
     cmd = [str(Path(sys.executable).parent / "ray"), "start", "--head", "--node-ip-address=127.0.0.1",
            f"--port={port}", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", f"--temp-dir={temp_dir}",
            f"--ray-client-server-port={client}", f"--dashboard-agent-listen-port={agent}", "--num-cpus=2",
