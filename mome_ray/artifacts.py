@@ -31,6 +31,8 @@ MAKES = {
     "teacher": "mome teacher",
     "experts": "mome distill",
     "sweep_kd": "mome sweep kd",
+    "moe": "mome moe",
+    "forgetting": "mome forgetting",
 }
 
 

@@ -11,6 +11,8 @@ from mome_ray.cluster import RayConfig
 from mome_ray.config import apply_overrides, from_dict, load_yaml
 from mome_ray.corpus.build import CorpusConfig
 from mome_ray.distill import DistillConfig
+from mome_ray.forgetting import ForgettingConfig
+from mome_ray.moe_train import MoEConfig
 from mome_ray.teacher import TeacherConfig
 from mome_ray.tokenizer import TokenizerConfig
 
@@ -24,6 +26,8 @@ class Settings:
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
     distill: DistillConfig = field(default_factory=DistillConfig)
+    moe: MoEConfig = field(default_factory=MoEConfig)
+    forgetting: ForgettingConfig = field(default_factory=ForgettingConfig)
     ray: RayConfig = field(default_factory=RayConfig)
 
 

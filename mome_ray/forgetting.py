@@ -1,0 +1,176 @@
+"""The forgetting study: the same model size and token budget trained three ways, on Ray Train.
+
+    mome forgetting --config configs/small.yaml
+
+    sequential   one model, one language after another (the order of `langs`: en -> fr -> de -> py)
+    balanced     one model, one session of balanced batches (every batch an equal share of each language)
+    moe          one expert per language (each the same size as the single model), trained one after another
+                 on its own language; a language is answered by its own expert
+
+`forgetting.train.max_steps` is the budget of every regime (steps of `batch_size` blocks), split into
+one stage per language. After every stage each regime's per-language validation perplexity is measured:
+for `balanced` a stage is the same share of steps over all languages; for `moe`, after stage k the
+experts of the first k languages are trained and the others are still untrained (their step-0 numbers).
+Training is plain next-token CE from scratch (no teacher): the study is about the order of the data.
+Forgetting per language = final perplexity − best perplexity over the stages (0 = nothing forgotten).
+
+    RUN_DIR/forgetting/   stages.csv (regime, stage, lang, ppl), forgetting.csv + forgetting.md,
+                          heatmap.png (ppl per stage x language), lines.png (ppl per language over stages)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from mome_ray.cluster import ScalingArgs
+from mome_ray.config import from_dict, to_dict
+from mome_ray.data import BalancedBatches, eval_blocks, load_blocks
+from mome_ray.errors import MomeError
+from mome_ray.models import ModelConfig, build_gpt2
+from mome_ray.tokenizer import load_tokenizer
+from mome_ray.training import Progress, TrainConfig, eval_metrics, evaluate, lm_train_step
+
+REGIMES = ("sequential", "balanced", "moe")
+
+
+@dataclass
+class ForgettingConfig:
+    model: ModelConfig = field(default_factory=lambda: ModelConfig(n_layer=2, n_embd=128, n_head=4))
+    train: TrainConfig = field(default_factory=TrainConfig)  # max_steps: every regime's budget, all stages
+    scaling: ScalingArgs = field(default_factory=lambda: ScalingArgs(num_workers=1, cpus_per_worker=1))
+    max_parallel: int = 0  # training runs at once (0 = as many as the cluster fits)
+
+
+def stage_steps(cfg: ForgettingConfig, n_langs: int) -> int:
+    steps = cfg.train.max_steps // n_langs
+    if steps < 1:
+        raise MomeError(f"forgetting.train.max_steps ({cfg.train.max_steps}) is below one step per language "
+                        f"({n_langs} languages); raise it")
+    if cfg.train.batch_size % n_langs:
+        raise MomeError(f"forgetting.train.batch_size ({cfg.train.batch_size}) must be a multiple of the number "
+                        f"of languages ({n_langs}): the balanced regime splits each batch evenly")
+    return steps
+
+
+def train_fn_per_worker(config: dict) -> None:
+    """Train one model through `stages` (each a list of languages, `steps` steps); evaluate after each."""
+    from mome_ray.worker import report, start_run, worker_context
+
+    cfg = from_dict(ForgettingConfig, config["forgetting"])
+    stages, steps, eval_langs = config["stages"], config["steps"], config["eval_langs"]
+    tok_dir, seed, name = Path(config["tokenizer_dir"]), config["seed"], config["name"]
+    train = dataclasses.replace(cfg.train, max_steps=steps * len(stages))  # one LR schedule over all stages
+    rank, world, device = worker_context(cfg.scaling.cpus_per_worker)
+    T = cfg.model.n_positions
+
+    batches = [BalancedBatches([load_blocks(tok_dir, "train", l, T) for l in stage], train.batch_size, seed, rank,
+                               world) for stage in stages]
+    val = {l: eval_blocks(load_blocks(tok_dir, "val", l, T), train.eval_blocks, rank, world) for l in eval_langs}
+
+    def build():
+        tok = load_tokenizer(tok_dir)
+        return build_gpt2(cfg.model, len(tok), tok.eos_token_id, tok.pad_token_id)
+
+    run = start_run(build, train, name, seed, rank)
+    if not run.resumed:
+        run.history = [eval_metrics(0, evaluate(run.model, val, device, train.batch_size, train.bf16)) | {"stage": 0}]
+    run.model.train()
+    progress = Progress(name, train.max_steps, train.batch_size * T * world, train.log_every, rank == 0)
+    for step in range(run.step, train.max_steps):
+        stage = step // steps
+        ids, _ = batches[stage].batch(step)
+        progress.tick()
+        loss = lm_train_step(run.model, run.opt, run.sched, ids.to(device), train, device)
+        progress.tock(step, {"loss": loss})
+        if (step + 1) % steps == 0:
+            metrics = eval_metrics(step + 1, evaluate(run.model, val, device, train.batch_size, train.bf16))
+            metrics.update(stage=stage + 1, train_loss=loss)
+            run.history.append(metrics)
+            report(run, step + 1, metrics)
+
+
+def jobs_for(cfg: ForgettingConfig, langs: list[str], run_dir: Path, seed: int) -> dict[str, dict]:
+    """Loop configs: the sequential and balanced models, and one MoE expert per language."""
+    steps = stage_steps(cfg, len(langs))
+    plans = {"sequential": [[l] for l in langs], "balanced": [list(langs)] * len(langs)}
+    plans |= {f"moe-{l}": [[l]] for l in langs}
+    return {name: {"forgetting": to_dict(cfg), "stages": stages, "steps": steps, "seed": seed, "name": name,
+                   "eval_langs": stages[0] if name.startswith("moe-") else list(langs),
+                   "tokenizer_dir": str((Path(run_dir) / "tokenizer").resolve())}
+            for name, stages in plans.items()}
+
+
+def stage_table(histories: dict[str, list[dict]], langs: list[str]):
+    """(regime, stage, after, lang, ppl) after every stage; stage 0 is the untrained model."""
+    import pandas as pd
+
+    records = []
+    for stage in range(len(langs) + 1):
+        after = "untrained" if stage == 0 else langs[stage - 1]
+        for regime in REGIMES:
+            for lang in langs:
+                if regime == "moe":  # lang's expert is trained in stage langs.index(lang) + 1
+                    ppl = histories[f"moe-{lang}"][1 if stage > langs.index(lang) else 0][f"val_ppl/{lang}"]
+                else:
+                    ppl = histories[regime][stage][f"val_ppl/{lang}"]
+                records.append({"regime": regime, "stage": stage, "after": after, "lang": lang,
+                                "ppl": round(ppl, 3)})
+    return pd.DataFrame(records)
+
+
+def forgetting_table(stages):
+    """Per regime and language: best (over trained stages), final, forgetting = final − best, in ppl and %."""
+    trained = stages[stages.stage > 0]
+    g = trained.groupby(["regime", "lang"], sort=False)["ppl"]
+    table = g.min().rename("best").to_frame().join(g.last().rename("final")).reset_index()
+    table["forgetting"] = (table["final"] - table["best"]).round(3)
+    table["forgetting_pct"] = (100 * table["forgetting"] / table["best"]).round(2)
+    return table
+
+
+def plot_study(stages, langs: list[str], out_dir: Path) -> list[Path]:
+    from mome_ray.plots import heatmaps, panels
+
+    rows = ["untrained"] + [f"after {l}" for l in langs]
+    maps, plots = [], []
+    for regime in REGIMES:
+        r = stages[stages.regime == regime]
+        matrix = [[float(r[(r.stage == s) & (r.lang == l)].ppl.iloc[0]) for l in langs] for s in range(len(rows))]
+        maps.append((regime, matrix, rows))
+        plots.append((regime, {l: (list(range(len(rows))), [m[i] for m in matrix]) for i, l in enumerate(langs)}))
+    return [heatmaps(maps, langs, out_dir / "heatmap.png", "validation perplexity"),
+            panels(plots, out_dir / "lines.png", "stage (0 = untrained, k = after the k-th language)",
+                   "validation perplexity", logy=True)]
+
+
+def forgetting_study(cfg: ForgettingConfig, langs: list[str], run_dir: Path, ray_cfg, seed: int, out_dir: Path,
+                     log=print) -> dict:
+    """Train every regime on the cluster, write the tables and plots into `out_dir`; returns metrics."""
+    import torch
+
+    from mome_ray.launch import TrainJob, fit_many
+    from mome_ray.sweeps import markdown_table
+
+    loops = jobs_for(cfg, langs, run_dir, seed)
+    jobs = [TrainJob(f"{Path(run_dir).resolve().name}-forgetting-{name}", train_fn_per_worker, loop, cfg.scaling,
+                     cfg.train.keep_checkpoints) for name, loop in loops.items()]
+    results = fit_many(jobs, ray_cfg, run_dir, max_parallel=cfg.max_parallel, log=log)
+    histories = {}
+    for job in jobs:
+        with results[job.name][0].checkpoint.as_directory() as d:
+            histories[job.loop_config["name"]] = torch.load(Path(d) / "train_state.pt", weights_only=True)["history"]
+    stages = stage_table(histories, langs)
+    table = forgetting_table(stages)
+    stages.to_csv(out_dir / "stages.csv", index=False)
+    table.to_csv(out_dir / "forgetting.csv", index=False)
+    wide = stages.pivot_table(index=["regime", "stage", "after"], columns="lang", values="ppl", sort=False)
+    (out_dir / "forgetting.md").write_text(
+        "Validation perplexity after every stage:\n\n" + markdown_table(wide[langs].reset_index())
+        + "\nForgetting = final − best perplexity per language:\n\n" + markdown_table(table))
+    plot_study(stages, langs, out_dir)
+    return {"steps_per_stage": loops["sequential"]["steps"], "tokens_per_regime": cfg.train.max_steps
+            // len(langs) * len(langs) * cfg.train.batch_size * cfg.model.n_positions,
+            "forgetting": table.to_dict(orient="records"), "stages": stages.to_dict(orient="records")}
