@@ -24,7 +24,7 @@ from torch import nn
 from mome_ray.alpha import AlphaConfig, AlphaSchedule
 from mome_ray.cluster import ScalingArgs
 from mome_ray.config import from_dict, to_dict
-from mome_ray.data import BalancedBatches, eval_blocks, load_blocks
+from mome_ray.data import balanced_data
 from mome_ray.distill import check_teacher, kd_step, new_trace
 from mome_ray.errors import MomeError
 from mome_ray.jeet import DDP_KWARGS, JEETConfig, JEETModel
@@ -97,9 +97,7 @@ def train_fn_per_worker(config: dict) -> None:
     T = cfg.model.n_positions
 
     # --- data: balanced batches with each block's language; a fixed eval subset per language
-    batches = BalancedBatches([load_blocks(tok_dir, "train", l, T) for l in langs], cfg.train.batch_size, seed,
-                              rank, world)
-    val = {l: eval_blocks(load_blocks(tok_dir, "val", l, T), cfg.train.eval_blocks, rank, world) for l in langs}
+    batches, val = balanced_data(tok_dir, langs, T, cfg.train.batch_size, cfg.train.eval_blocks, seed, rank, world)
     teacher = load_lm(config["teacher_dir"], tok_dir).to(device).eval().requires_grad_(False)
 
     # --- the MoE (DDP tolerates stacks no sequence of a rank's batch selected), optimizer, resume

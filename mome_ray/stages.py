@@ -228,7 +228,7 @@ STAGES = {
 
 
 def run_pipeline(cfg: Settings, force: bool = False, log=print) -> None:
-    """Every stage in order; a stage whose artifact matches its config and parents is skipped."""
+    """Every stage in order (a stage whose artifact matches its config and parents is skipped), then the report."""
     run_dir = Path(cfg.run_dir)
     if not cfg.corpus.user_dir:
         fetch(cfg, log)
@@ -240,3 +240,6 @@ def run_pipeline(cfg: Settings, force: bool = False, log=print) -> None:
         log(f"== {name}")
         fn(cfg, log=log)
     log(f"\nrun directory: {run_dir.resolve()}")
+    from mome_ray.report import write_report
+
+    log(f"report: {write_report(run_dir).resolve()}")
