@@ -4,14 +4,17 @@
 
     sequential   one model, one language after another (the order of `langs`: en -> fr -> de -> py)
     balanced     one model, one session of balanced batches (every batch an equal share of each language)
-    moe          one expert per language (each the same size as the single model), trained one after another
-                 on its own language; a language is answered by its own expert
+    moe          one expert per language (each the same size as the single model) in one PLE MoE, trained
+                 in the same order: stage k trains the k-th language's expert only (forced routing); every
+                 language is answered by its own expert (untrained until its stage)
 
 `forgetting.train.max_steps` is the budget of every regime (steps of `batch_size` blocks), split into
 one stage per language. After every stage each regime's per-language validation perplexity is measured:
 for `balanced` a stage is the same share of steps over all languages; for `moe`, after stage k the
-experts of the first k languages are trained and the others are still untrained (their step-0 numbers).
-Training is plain next-token CE from scratch (no teacher): the study is about the order of the data.
+experts of the first k languages are trained and the others are still untrained. One Ray Train run per
+regime.
+Training is plain next-token CE from scratch (no teacher), one LR schedule (warmup, linear decay) over all
+stages in every regime: the study is about the order of the data.
 Forgetting per language = final perplexity − best perplexity over the stages (0 = nothing forgotten).
 
     RUN_DIR/forgetting/   stages.csv (regime, stage, lang, ppl), forgetting.csv + forgetting.md,
@@ -21,7 +24,6 @@ Forgetting per language = final perplexity − best perplexity over the stages (
 from __future__ import annotations
 
 import dataclasses
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -29,11 +31,27 @@ from mome_ray.cluster import ScalingArgs
 from mome_ray.config import from_dict, to_dict
 from mome_ray.data import BalancedBatches, eval_blocks, load_blocks
 from mome_ray.errors import MomeError
+from mome_ray.jeet import DDP_KWARGS
 from mome_ray.models import ModelConfig, build_gpt2
+from mome_ray.moe import MoE, PLEExperts
+from mome_ray.moe_train import Routed, per_language_eval
 from mome_ray.tokenizer import load_tokenizer
 from mome_ray.training import Progress, TrainConfig, eval_metrics, evaluate, lm_train_step
 
 REGIMES = ("sequential", "balanced", "moe")
+
+
+def _PLE_CHECKPOINT(build) -> dict:
+    """start_run's load/save for the MoE regime's PLE (whole GPT-2s with tied heads: safetensors save_model)."""
+    from safetensors.torch import load_model, save_model
+
+    def load(d: Path):
+        model = build()
+        load_model(model, str(Path(d) / "model.safetensors"))
+        return model
+
+    return {"load": load, "save": lambda m, d: save_model(m, str(Path(d) / "model.safetensors")),
+            "ddp_kwargs": DDP_KWARGS}
 
 
 @dataclass
@@ -72,35 +90,43 @@ def train_fn_per_worker(config: dict) -> None:
 
     def build():
         tok = load_tokenizer(tok_dir)
-        return build_gpt2(cfg.model, len(tok), tok.eos_token_id, tok.pad_token_id)
+        one = lambda: build_gpt2(cfg.model, len(tok), tok.eos_token_id, tok.pad_token_id)  # noqa: E731
+        return MoE(PLEExperts({l: one() for l in eval_langs})) if moe else one()
 
-    run = start_run(build, train, name, seed, rank)
+    def val_metrics(step: int) -> dict:
+        if moe:  # each language through its own expert
+            return eval_metrics(step, per_language_eval(run.module, val, device, train))
+        return eval_metrics(step, evaluate(run.model, val, device, train.batch_size, train.bf16))
+
+    moe = config["regime"] == "moe"
+    run = start_run(build, train, name, seed, rank, **(_PLE_CHECKPOINT(build) if moe else {}))
     if not run.resumed:
-        run.history = [eval_metrics(0, evaluate(run.model, val, device, train.batch_size, train.bf16)) | {"stage": 0}]
+        run.history = [val_metrics(0) | {"stage": 0}]
     run.model.train()
     progress = Progress(name, train.max_steps, train.batch_size * T * world, train.log_every, rank == 0)
     for step in range(run.step, train.max_steps):
         stage = step // steps
         ids, _ = batches[stage].batch(step)
+        model = Routed(run.model, force=stages[stage][0]) if moe else run.model  # moe: the stage's expert only
         progress.tick()
-        loss = lm_train_step(run.model, run.opt, run.sched, ids.to(device), train, device)
+        loss = lm_train_step(model, run.opt, run.sched, ids.to(device), train, device)
         progress.tock(step, {"loss": loss})
         if (step + 1) % steps == 0:
-            metrics = eval_metrics(step + 1, evaluate(run.model, val, device, train.batch_size, train.bf16))
+            metrics = val_metrics(step + 1)
             metrics.update(stage=stage + 1, train_loss=loss)
             run.history.append(metrics)
             report(run, step + 1, metrics)
 
 
 def jobs_for(cfg: ForgettingConfig, langs: list[str], run_dir: Path, seed: int) -> dict[str, dict]:
-    """Loop configs: the sequential and balanced models, and one MoE expert per language."""
+    """Loop configs, one Ray Train run per regime."""
     steps = stage_steps(cfg, len(langs))
-    plans = {"sequential": [[l] for l in langs], "balanced": [list(langs)] * len(langs)}
-    plans |= {f"moe-{l}": [[l]] for l in langs}
-    return {name: {"forgetting": to_dict(cfg), "stages": stages, "steps": steps, "seed": seed, "name": name,
-                   "eval_langs": stages[0] if name.startswith("moe-") else list(langs),
-                   "tokenizer_dir": str((Path(run_dir) / "tokenizer").resolve())}
-            for name, stages in plans.items()}
+    plans = {"sequential": [[l] for l in langs], "balanced": [list(langs)] * len(langs),
+             "moe": [[l] for l in langs]}
+    return {regime: {"forgetting": to_dict(cfg), "regime": regime, "stages": stages, "steps": steps, "seed": seed,
+                     "name": f"forgetting-{regime}", "eval_langs": list(langs),
+                     "tokenizer_dir": str((Path(run_dir) / "tokenizer").resolve())}
+            for regime, stages in plans.items()}
 
 
 def stage_table(histories: dict[str, list[dict]], langs: list[str]):
@@ -108,16 +134,11 @@ def stage_table(histories: dict[str, list[dict]], langs: list[str]):
     import pandas as pd
 
     records = []
-    for stage in range(len(langs) + 1):
-        after = "untrained" if stage == 0 else langs[stage - 1]
-        for regime in REGIMES:
-            for lang in langs:
-                if regime == "moe":  # lang's expert is trained in stage langs.index(lang) + 1
-                    ppl = histories[f"moe-{lang}"][1 if stage > langs.index(lang) else 0][f"val_ppl/{lang}"]
-                else:
-                    ppl = histories[regime][stage][f"val_ppl/{lang}"]
-                records.append({"regime": regime, "stage": stage, "after": after, "lang": lang,
-                                "ppl": round(ppl, 3)})
+    for regime in REGIMES:
+        for stage, metrics in enumerate(histories[regime]):
+            after = "untrained" if stage == 0 else "all" if regime == "balanced" else langs[stage - 1]
+            records += [{"regime": regime, "stage": stage, "after": after, "lang": lang,
+                         "ppl": round(metrics[f"val_ppl/{lang}"], 3)} for lang in langs]
     return pd.DataFrame(records)
 
 
@@ -155,13 +176,13 @@ def forgetting_study(cfg: ForgettingConfig, langs: list[str], run_dir: Path, ray
     from mome_ray.sweeps import markdown_table
 
     loops = jobs_for(cfg, langs, run_dir, seed)
-    jobs = [TrainJob(f"{Path(run_dir).resolve().name}-forgetting-{name}", train_fn_per_worker, loop, cfg.scaling,
-                     cfg.train.keep_checkpoints) for name, loop in loops.items()]
+    jobs = [TrainJob(f"{Path(run_dir).resolve().name}-forgetting-{regime}", train_fn_per_worker, loop, cfg.scaling,
+                     cfg.train.keep_checkpoints) for regime, loop in loops.items()]
     results = fit_many(jobs, ray_cfg, run_dir, max_parallel=cfg.max_parallel, log=log)
     histories = {}
     for job in jobs:
         with results[job.name][0].checkpoint.as_directory() as d:
-            histories[job.loop_config["name"]] = torch.load(Path(d) / "train_state.pt", weights_only=True)["history"]
+            histories[job.loop_config["regime"]] = torch.load(Path(d) / "train_state.pt", weights_only=True)["history"]
     stages = stage_table(histories, langs)
     table = forgetting_table(stages)
     stages.to_csv(out_dir / "stages.csv", index=False)

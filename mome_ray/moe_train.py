@@ -81,9 +81,9 @@ def build_jeet(cfg: MoEConfig, langs: list[str], tokenizer_dir: Path, common: bo
                                     common=common, gate=common and cfg.gate)))
 
 
-def per_language_eval(moe: nn.Module, val: dict, device, cfg: MoEConfig) -> dict[str, float]:
+def per_language_eval(moe: nn.Module, val: dict, device, train: TrainConfig) -> dict[str, float]:
     """Validation loss of each language through its own expert (+ the common one in MoE-CE)."""
-    return {l: evaluate(Routed(moe, force=l), {l: blocks}, device, cfg.train.batch_size, cfg.train.bf16)[l]
+    return {l: evaluate(Routed(moe, force=l), {l: blocks}, device, train.batch_size, train.bf16)[l]
             for l, blocks in val.items()}
 
 
@@ -108,7 +108,7 @@ def train_fn_per_worker(config: dict) -> None:
     if run.resumed:
         schedule.load_state_dict(run.extra["alpha_state"])
     else:
-        run.history = [eval_metrics(0, per_language_eval(run.module, val, device, cfg))]
+        run.history = [eval_metrics(0, per_language_eval(run.module, val, device, cfg.train))]
         run.extra = {"trace": new_trace()}
         if rank == 0:
             print(f"[{name}] {n_params(run.module) / 1e6:.2f}M params ({len(langs)} stacks"
@@ -132,7 +132,7 @@ def train_fn_per_worker(config: dict) -> None:
         progress.tock(step, {"ce": ce, "kd": kd, "alpha": alpha})
 
         if (step + 1) % cfg.train.eval_every == 0 or step + 1 == cfg.train.max_steps:
-            metrics = eval_metrics(step + 1, per_language_eval(run.module, val, device, cfg))
+            metrics = eval_metrics(step + 1, per_language_eval(run.module, val, device, cfg.train))
             metrics.update(ce=ce, kd=kd, alpha=alpha, beta=beta, tokens_per_s=progress.tokens_per_s)
             run.history.append(metrics)
             run.extra = {"trace": trace, "alpha_state": schedule.state_dict()}
