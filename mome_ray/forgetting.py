@@ -155,10 +155,10 @@ def forgetting_table(stages):
 def plot_study(stages, langs: list[str], out_dir: Path) -> list[Path]:
     from mome_ray.plots import heatmaps, panels
 
-    rows = ["untrained"] + [f"after {l}" for l in langs]
     maps, plots = [], []
     for regime in REGIMES:
         r = stages[stages.regime == regime]
+        rows = [f"{s}: {a}" for s, a in dict(zip(r.stage, r.after)).items()]
         matrix = [[float(r[(r.stage == s) & (r.lang == l)].ppl.iloc[0]) for l in langs] for s in range(len(rows))]
         maps.append((regime, matrix, rows))
         plots.append((regime, {l: (list(range(len(rows))), [m[i] for m in matrix]) for i, l in enumerate(langs)}))

@@ -67,6 +67,7 @@ def heatmaps(maps: list[tuple[str, list[list[float]], list[str]]], col_labels: l
         for (i, j), v in np.ndenumerate(m):
             ax.text(j, i, f"{v:.0f}" if v >= 100 else f"{v:.1f}", ha="center", va="center", fontsize=7, color="w")
         ax.set_title(title)
+    fig.subplots_adjust(wspace=0.45)
     fig.colorbar(image, ax=axes[0].tolist(), label=value)
     fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
