@@ -82,7 +82,7 @@ def bars(values: dict[str, dict[str, float]], path: Path, title: str, ylabel: st
     groups = list(values)
     labels = list(dict.fromkeys(k for v in values.values() for k in v))
     width = 0.8 / max(1, len(groups))
-    fig, ax = plt.subplots(figsize=(1.2 + 1.2 * len(labels) + 0.2 * len(groups), 3.6))
+    fig, ax = plt.subplots(figsize=(3.5 + 1.2 * len(labels) + 0.2 * len(groups), 3.6))
     for g, group in enumerate(groups):
         x = np.arange(len(labels)) + g * width
         ax.bar(x, [values[group].get(l, np.nan) for l in labels], width, label=group)
@@ -91,7 +91,7 @@ def bars(values: dict[str, dict[str, float]], path: Path, title: str, ylabel: st
     ax.set_ylabel(ylabel)
     if logy:
         ax.set_yscale("log")
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1))  # outside: bars stay visible
     ax.grid(alpha=0.3, axis="y")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
