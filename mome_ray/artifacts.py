@@ -33,6 +33,8 @@ MAKES = {
     "experts": "mome distill",
     "sweep_kd": "mome sweep kd",
     "router": "mome router",
+    "moe": "mome moe",
+    "forgetting": "mome forgetting",
 }
 
 

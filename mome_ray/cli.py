@@ -8,6 +8,10 @@
     mome sweep kd     --config configs/small.yaml
     mome router       --config configs/small.yaml
     mome sweep router --config configs/small.yaml
+    mome moe          --config configs/small.yaml
+    mome forgetting   --config configs/small.yaml
+    mome add-expert   --config configs/small.yaml --lang es --source PATH
+    mome report       runs/small
     mome pipeline     --config configs/small.yaml
 
 Trailing `a.b=c` arguments override the config. Connects to RAY_ADDRESS when set, else starts a local
@@ -60,6 +64,14 @@ def _parser() -> argparse.ArgumentParser:
         s = ssub.add_parser(name, help=help, description=help)
         s.add_argument("--config", "-c")
         s.add_argument("overrides", nargs="*", metavar="key.path=value")
+    m = stage("moe", "train JEET and MoE-CE, assemble PLE, run the evaluation grid into RUN_DIR/moe")
+    m.add_argument("--fresh", action="store_true", help="re-train JEET and MoE-CE")
+    stage("forgetting", "sequential vs balanced vs MoE training: forgetting per language into RUN_DIR/forgetting")
+    a = stage("add-expert", "distil one new language expert from a folder of text and add it to the MoE")
+    a.add_argument("--lang", required=True, help="the new language's code (e.g. es)")
+    a.add_argument("--source", required=True, help="a folder of text files in that language")
+    r = sub.add_parser("report", help="write RUN_DIR/report.md + PNG plots of every stage that has run")
+    r.add_argument("run_dir", help="the run directory (e.g. runs/small)")
     pl = stage("pipeline", "run every stage in order, skipping the ones already up to date")
     pl.add_argument("--force", action="store_true", help="re-run every stage")
     return p
@@ -71,6 +83,11 @@ def main(argv: list[str] | None = None) -> int:
         from mome_ray import stages
         from mome_ray.settings import load_settings
 
+        if args.cmd == "report":
+            from mome_ray.report import write_report
+
+            print(f"report: {write_report(args.run_dir)}")
+            return 0
         cfg = load_settings(args.config, args.overrides)
         if args.cmd == "corpus":
             stages.fetch(cfg) if args.action == "fetch" else stages.corpus(cfg)
@@ -84,6 +101,14 @@ def main(argv: list[str] | None = None) -> int:
             stages.experts(cfg, fresh=args.fresh)
         elif args.cmd == "sweep":
             stages.SWEEPS[args.action](cfg)
+        elif args.cmd == "moe":
+            stages.moe(cfg, fresh=args.fresh)
+        elif args.cmd == "forgetting":
+            stages.forgetting(cfg)
+        elif args.cmd == "add-expert":
+            from mome_ray.add_expert import add_expert
+
+            add_expert(cfg, args.lang, args.source)
         elif args.cmd == "pipeline":
             stages.run_pipeline(cfg, force=args.force)
     except MomeError as e:

@@ -71,3 +71,12 @@ class BalancedBatches:
 def eval_blocks(blocks: np.ndarray, limit: int, rank: int = 0, world: int = 1) -> np.ndarray:
     """A fixed evaluation subset (the first `limit` blocks), sharded across ranks."""
     return blocks[:limit][rank::world]
+
+
+def balanced_data(tokenizer_dir: Path, langs: list[str], block_size: int, batch_size: int, eval_limit: int,
+                  seed: int, rank: int = 0, world: int = 1) -> tuple[BalancedBatches, dict[str, np.ndarray]]:
+    """A worker's data: balanced training batches over `langs` and each language's fixed eval blocks."""
+    batches = BalancedBatches([load_blocks(tokenizer_dir, "train", l, block_size) for l in langs], batch_size, seed,
+                              rank, world)
+    val = {l: eval_blocks(load_blocks(tokenizer_dir, "val", l, block_size), eval_limit, rank, world) for l in langs}
+    return batches, val

@@ -104,6 +104,10 @@ def fit_many(jobs: list[TrainJob], ray_cfg: RayConfig, run_dir: Path, on_done: C
     """
     if not jobs:
         return {}
+    # transformers resolves its names lazily, and two `on_done` threads importing one at once can fail
+    # ("cannot import name 'AutoTokenizer'"): resolve the ones exports use here, once.
+    from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: F401
+
     width = min(slots(job.scaling, job.name) for job in jobs)
     if max_parallel:
         width = min(width, max_parallel)

@@ -12,6 +12,8 @@ from mome_ray.config import apply_overrides, from_dict, load_yaml
 from mome_ray.corpus.build import CorpusConfig
 from mome_ray.distill import DistillConfig
 from mome_ray.router.model import RouterConfig
+from mome_ray.forgetting import ForgettingConfig
+from mome_ray.moe_train import MoEConfig
 from mome_ray.teacher import TeacherConfig
 from mome_ray.tokenizer import TokenizerConfig
 
@@ -26,6 +28,8 @@ class Settings:
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
     distill: DistillConfig = field(default_factory=DistillConfig)
     router: RouterConfig = field(default_factory=RouterConfig)
+    moe: MoEConfig = field(default_factory=MoEConfig)
+    forgetting: ForgettingConfig = field(default_factory=ForgettingConfig)
     ray: RayConfig = field(default_factory=RayConfig)
 
 

@@ -205,6 +205,52 @@ def sweep_router(cfg: Settings, log=print) -> dict:
     return meta
 
 
+
+
+def moe(cfg: Settings, fresh: bool = False, log=print) -> dict:
+    """Train JEET and MoE-CE (KD on Ray Train), assemble PLE from the experts, run the evaluation grid."""
+    from mome_ray.grid import grid_markdown_frame, run_grid
+    from mome_ray.moe_train import train_moes
+    from mome_ray.sweeps import markdown_table
+
+    run_dir, out = Path(cfg.run_dir), Path(cfg.run_dir) / "moe"
+    parents = parent_stamps(run_dir, STAGES["moe"][1])
+    init_ray(cfg.ray)
+    t0 = time.perf_counter()
+    metas = train_moes(cfg.moe, cfg.langs, run_dir, cfg.ray, cfg.seed, fresh, log)
+    t1 = time.perf_counter()
+    grid, routing = run_grid(run_dir, cfg.langs, cfg.moe, min(cfg.moe.model.n_positions,
+                                                              cfg.distill.model.n_positions), log)
+    grid.to_csv(out / "grid.csv", index=False)  # everything: losses, perplexities, exact parameter counts
+    shown = markdown_table(grid_markdown_frame(grid))
+    (out / "grid.md").write_text(shown)
+    ple = {"experts": {l: f"experts/{l}" for l in cfg.langs}, "router": "router" if routing == "router" else None}
+    (out / "ple.json").write_text(json.dumps(ple, indent=2))
+    metrics = {"routing": routing, "train_seconds": round(t1 - t0, 1), "grid_seconds": round(time.perf_counter() - t1, 1),
+               "trained": {name: m["metrics"]["final"] for name, m in metas.items()},
+               "grid": grid.to_dict(orient="records")}
+    meta = write_meta(out, "moe", stage_config(cfg, "moe"), metrics, parents, cfg.seed)
+    log(f"\nevaluation grid ({routing} routing; perplexity per language, same blocks for every row):\n"
+        + shown)
+    return meta
+
+
+def forgetting(cfg: Settings, log=print) -> dict:
+    """Sequential vs balanced vs MoE training on the same budget: per-language forgetting (Ray Train)."""
+    from mome_ray.forgetting import forgetting_study
+
+    run_dir = Path(cfg.run_dir)
+    parents = parent_stamps(run_dir, STAGES["forgetting"][1])
+    init_ray(cfg.ray)
+    t0 = time.perf_counter()
+    with stage_writer(run_dir, "forgetting") as out:
+        metrics = forgetting_study(cfg.forgetting, cfg.langs, run_dir, cfg.ray, cfg.seed, out, log)
+        metrics["seconds"] = round(time.perf_counter() - t0, 1)
+        meta = write_meta(out, "forgetting", stage_config(cfg, "forgetting"), metrics, parents, cfg.seed)
+    log("\n" + (run_dir / "forgetting" / "forgetting.md").read_text())
+    return meta
+
+
 SWEEPS = {"kd": sweep_kd, "router": sweep_router}
 
 # artifact -> (function, parent artifacts, config section)
@@ -214,11 +260,13 @@ STAGES = {
     "router": (router, ["corpus", "tokenizer"], "router"),
     "teacher": (teacher, ["tokenizer"], "teacher"),
     "experts": (experts, ["tokenizer", "teacher"], "distill"),
+    "moe": (moe, ["tokenizer", "router", "teacher", "experts"], "moe"),
+    "forgetting": (forgetting, ["tokenizer"], "forgetting"),
 }
 
 
 def run_pipeline(cfg: Settings, force: bool = False, log=print) -> None:
-    """Every stage in order; a stage whose artifact matches its config and parents is skipped."""
+    """Every stage in order (a stage whose artifact matches its config and parents is skipped), then the report."""
     run_dir = Path(cfg.run_dir)
     if not cfg.corpus.user_dir:
         fetch(cfg, log)
@@ -230,3 +278,6 @@ def run_pipeline(cfg: Settings, force: bool = False, log=print) -> None:
         log(f"== {name}")
         fn(cfg, log=log)
     log(f"\nrun directory: {run_dir.resolve()}")
+    from mome_ray.report import write_report
+
+    log(f"report: {write_report(run_dir).resolve()}")

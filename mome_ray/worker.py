@@ -34,6 +34,7 @@ class Run:
     step: int = 0  # the next optimizer step to run
     history: list[dict] = field(default_factory=list)  # one entry per evaluation
     extra: dict = field(default_factory=dict)  # loop-specific state saved with every checkpoint
+    save: Callable[[torch.nn.Module, Path], None] | None = None  # writes the bare model (None: save_pretrained)
 
     @property
     def resumed(self) -> bool:
@@ -57,20 +58,24 @@ def worker_context(cpus_per_worker: float) -> tuple[int, int, torch.device]:
 
 
 def start_run(build: Callable[[], torch.nn.Module], train: TrainConfig, name: str, seed: int,
-              rank: int) -> Run:
-    """Build the model (or load the latest checkpoint's), wrap it for DDP, make optimizer and schedule."""
+              rank: int, load: Callable[[Path], torch.nn.Module] | None = None,
+              save: Callable[[torch.nn.Module, Path], None] | None = None, ddp_kwargs: dict | None = None) -> Run:
+    """Build the model (or load the latest checkpoint's), wrap it for DDP, make optimizer and schedule.
+
+    An HF model needs none of `load`/`save`/`ddp_kwargs`; another model (JEET) passes how to read and write
+    its checkpoint folder, and DDP options such as `find_unused_parameters`.
+    """
     import ray.train
     import ray.train.torch
-    from transformers import AutoModelForCausalLM
 
     torch.manual_seed(seed)
     checkpoint = ray.train.get_checkpoint()
     ckpt_dir = Path(checkpoint.to_directory()) if checkpoint else None
-    model = AutoModelForCausalLM.from_pretrained(str(ckpt_dir)) if ckpt_dir else build()
-    model = ray.train.torch.prepare_model(model)
+    model = (load or _load_hf)(ckpt_dir) if ckpt_dir else build()
+    model = ray.train.torch.prepare_model(model, parallel_strategy_kwargs=ddp_kwargs)
     opt = build_optimizer(model, train)
     sched = build_schedule(opt, train)
-    run = Run(model, opt, sched, rank)
+    run = Run(model, opt, sched, rank, save=save)
     if ckpt_dir:
         state = load_state(ckpt_dir, opt, sched)
         shutil.rmtree(ckpt_dir, ignore_errors=True)  # to_directory() made a temporary local copy
@@ -81,6 +86,12 @@ def start_run(build: Callable[[], torch.nn.Module], train: TrainConfig, name: st
     return run
 
 
+def _load_hf(ckpt_dir: Path) -> torch.nn.Module:
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(str(ckpt_dir))
+
+
 def report(run: Run, step: int, metrics: dict) -> None:
     """Every rank reports; rank 0 attaches a checkpoint (weights in safetensors + training state)."""
     import ray.train
@@ -89,6 +100,9 @@ def report(run: Run, step: int, metrics: dict) -> None:
         ray.train.report(metrics)
         return
     with tempfile.TemporaryDirectory() as d:
-        run.module.save_pretrained(d)
+        if run.save:
+            run.save(run.module, Path(d))
+        else:
+            run.module.save_pretrained(d)
         save_state(Path(d), run.opt, run.sched, step, run.history, **run.extra)
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))

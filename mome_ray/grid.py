@@ -1,0 +1,154 @@
+"""The evaluation grid: every MoE variant under every routing option, beside the baselines, per language.
+
+    rows = moe_rows("JEET", MoE(JEETModel.load(run/"moe/jeet")), route_for, top_k=2) + baseline_rows(...)
+    df = evaluate_grid(rows, val)          # val = {lang: (N, T) blocks}, the same blocks for every row
+    write_table(grid_markdown_frame(df), out, "grid")
+
+A row answers every language with a model: `modules(lang)` returns something called like an HF causal LM
+(`module(input_ids=ids).logits`). For an MoE that is `moe_train.Routed` under one option of the paper's
+grid (router top-1 ± common, each expert forced ± common, common alone, uniform average ± common) plus
+top-k mixing (beyond the paper). Per language: loss, perplexity and the seconds the evaluation took;
+per row: active parameters (what one sequence runs through) and total parameters.
+
+Routing: `route_for(run_dir, names, tokenizer_dir)` uses the router artifact (RUN_DIR/router) when there is
+one, else an oracle that routes every validation block to its true language; the grid says which.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from mome_ray.moe import MoE, Router, Routing, text_router
+from mome_ray.moe_train import Routed
+from mome_ray.training import evaluate, perplexity
+
+
+@dataclass
+class GridRow:
+    model: str  # "PLE", "JEET", "MoE-CE", "teacher", ...
+    row: str  # the option: "router top-1", "expert fr forced + common", ...
+    modules: Callable[[str], nn.Module]  # language -> the module that answers for it
+    active: int  # parameters one sequence runs through
+    total: int  # parameters of the whole model
+
+
+def oracle_router(index: int, n_experts: int) -> Router:
+    """Every sequence to expert `index` (the true language of a validation block)."""
+    return lambda ids, mask=None: Routing.onehot(torch.full((len(ids),), index, device=ids.device), n_experts)
+
+
+def route_for(run_dir: Path, names: list[str], tokenizer_dir: Path) -> tuple[str, Callable[[str], Router]]:
+    """("router" | "oracle", language -> Router). The only place the MoE meets the router artifact (issue 4).
+
+    With RUN_DIR/router: `load_router(...).predict_proba(texts)` -> (labels, probs) on each block's decoded
+    text (`moe.text_router`; a most-probable `unknown` goes to the common expert, or the best expert).
+    Without it: the oracle, each block routed to the language it was drawn from.
+    """
+    if (Path(run_dir) / "router" / "meta.json").is_file():
+        from mome_ray.router import load_router
+        from mome_ray.tokenizer import load_tokenizer
+
+        router = text_router(load_router(Path(run_dir) / "router"), load_tokenizer(tokenizer_dir), names)
+        return "router", lambda lang: router
+    return "oracle", lambda lang: oracle_router(names.index(lang), len(names))
+
+
+def moe_rows(model: str, moe: MoE, route: Callable[[str], Router], routing: str, top_k: int) -> list[GridRow]:
+    """The paper's grid for one MoE (+ top-k mixing); ± common only where the MoE combines a common stack."""
+    moe.eval()
+    total = moe.total_params()
+    rows: list[GridRow] = []
+
+    def add(label: str, routed: bool, **select) -> None:
+        params = {k: v for k, v in select.items() if k in ("force", "mode", "k", "common")}
+        rows.append(GridRow(model, label, lambda lang: Routed(moe, route(lang) if routed else None, **select),
+                            moe.active_params(**params), total))
+
+    for common in ([False, True] if moe.experts.combines_common else [False]):
+        plus = " + common" if common else ""
+        add(f"{routing} top-1{plus}", True, common=common)
+        for name in moe.names:
+            add(f"expert {name} forced{plus}", False, force=name, common=common)
+        add(f"uniform average{plus}", False, force=moe.names, common=common)
+        add(f"{routing} top-{top_k} mix{plus}", True, mode="topk", k=min(top_k, len(moe.names)), common=common)
+    if moe.experts.has_common:
+        add("common alone", False, force="common")
+    return rows
+
+
+def baseline_rows(models: dict[str, dict[str, Path]], tokenizer_dir: Path) -> list[GridRow]:
+    """Whole HF models: {label: {lang: model dir}}; each directory is loaded once."""
+    from mome_ray.models import load_lm, n_params
+
+    loaded: dict[Path, nn.Module] = {}
+    rows = []
+    for label, dirs in models.items():
+        for d in dirs.values():
+            if Path(d) not in loaded:
+                loaded[Path(d)] = load_lm(d, tokenizer_dir).eval()
+        sizes = [n_params(loaded[Path(d)]) for d in dirs.values()]
+        rows.append(GridRow(label, "-", lambda lang, dirs=dirs: loaded[Path(dirs[lang])], max(sizes),
+                            sum(n_params(loaded[p]) for p in {Path(d) for d in dirs.values()})))
+    return rows
+
+
+def evaluate_grid(rows: list[GridRow], val: dict, batch_size: int = 16):
+    """One record per row: loss/<lang>, ppl/<lang>, means, eval seconds, active and total parameters."""
+    import pandas as pd
+
+    cpu, records = torch.device("cpu"), []
+    for row in rows:
+        record, seconds = {"model": row.model, "row": row.row}, 0.0
+        losses = {}
+        for lang, blocks in val.items():
+            t0 = time.perf_counter()
+            losses[lang] = evaluate(row.modules(lang), {lang: blocks}, cpu, batch_size, bf16=False)[lang]
+            seconds += time.perf_counter() - t0
+        record.update({f"loss/{l}": round(v, 4) for l, v in losses.items()})
+        record.update({f"ppl/{l}": round(perplexity(v), 2) for l, v in losses.items()})
+        mean = sum(losses.values()) / len(losses)
+        record.update(mean_loss=round(mean, 4), mean_ppl=round(perplexity(mean), 2), eval_s=round(seconds, 2),
+                      active_params=row.active, total_params=row.total)
+        records.append(record)
+    return pd.DataFrame(records)
+
+
+def grid_markdown_frame(df):
+    """The grid as shown: perplexity per language, mean, eval time, parameters in millions."""
+    shown = df[["model", "row"] + [c for c in df.columns if c.startswith("ppl/")] + ["mean_ppl", "eval_s"]].copy()
+    shown.columns = [c.removeprefix("ppl/") for c in shown.columns]
+    shown["active_M"] = (df["active_params"] / 1e6).round(3)
+    shown["total_M"] = (df["total_params"] / 1e6).round(3)
+    return shown
+
+
+def run_grid(run_dir: Path, langs: list[str], cfg, block_size: int, log=print) -> tuple:
+    """The whole grid of a run: PLE (RUN_DIR/experts/<lang>), JEET and MoE-CE (RUN_DIR/moe/), baselines.
+
+    `cfg` is the run's `MoEConfig`. Returns (DataFrame, "router" | "oracle").
+    """
+    from mome_ray.data import eval_blocks, load_blocks
+    from mome_ray.jeet import JEETModel
+    from mome_ray.moe import load_ple
+
+    run_dir, tok_dir = Path(run_dir), Path(run_dir) / "tokenizer"
+    experts = run_dir / "experts"
+    routing, route = route_for(run_dir, langs, tok_dir)
+    rows = baseline_rows({"teacher": {l: run_dir / "teacher" for l in langs}}, tok_dir)
+    if (experts / "multilingual" / "config.json").is_file():
+        rows += baseline_rows({"multilingual student": {l: experts / "multilingual" for l in langs}}, tok_dir)
+    if all((experts / f"nokd-{l}" / "config.json").is_file() for l in langs):
+        rows += baseline_rows({"no-KD students": {l: experts / f"nokd-{l}" for l in langs}}, tok_dir)
+    rows += moe_rows("PLE", MoE(load_ple({l: experts / l for l in langs})), route, routing, cfg.top_k)
+    for label, name in (("JEET", "jeet"), ("MoE-CE", "moe-ce")):
+        rows += moe_rows(label, MoE(JEETModel.load(run_dir / "moe" / name)), route, routing, cfg.top_k)
+    val = {l: eval_blocks(load_blocks(tok_dir, "val", l, block_size), cfg.eval_blocks) for l in langs}
+    log(f"[moe] evaluation grid: {len(rows)} rows x {len(langs)} languages, {routing} routing, "
+        f"{cfg.eval_blocks} validation blocks of {block_size} tokens per language")
+    return evaluate_grid(rows, val), routing

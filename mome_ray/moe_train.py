@@ -1,0 +1,186 @@
+"""JEET and MoE-CE trained with KD from the teacher on Ray Train, one `TorchTrainer` each, concurrently.
+
+    mome moe --config configs/small.yaml                 # trains both, then runs the evaluation grid
+    mome moe --config configs/small.yaml moe.gate=true   # MoE-CE with a learned per-expert gate
+
+Every step draws a balanced batch (an equal share of each language) and routes each sequence to its own
+language's stack (`Routing.onehot` of the batch's language labels), so a step updates the stacks that
+ran plus the shared embedding/head (and, in MoE-CE, the common stack, which runs for every sequence).
+Loss: L = α·CE + β·KD, the distillation step of `distill.kd_step` on the MoE's logits. The MoE is wrapped
+for DDP with `find_unused_parameters` (`jeet.DDP_KWARGS`): a rank's batch need not select every stack.
+
+    RUN_DIR/moe/jeet/      JEETModel.save (config.json + model.safetensors) + meta.json
+    RUN_DIR/moe/moe-ce/    the same with the common stack
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from mome_ray.alpha import AlphaConfig, AlphaSchedule
+from mome_ray.cluster import ScalingArgs
+from mome_ray.config import from_dict, to_dict
+from mome_ray.data import balanced_data
+from mome_ray.distill import check_teacher, kd_step, new_trace
+from mome_ray.errors import MomeError
+from mome_ray.jeet import DDP_KWARGS, JEETConfig, JEETModel
+from mome_ray.losses import KD_LOSSES
+from mome_ray.models import ModelConfig, load_lm, n_params
+from mome_ray.moe import MoE, Routing
+from mome_ray.tokenizer import load_tokenizer
+from mome_ray.training import Progress, TrainConfig, eval_metrics, evaluate
+
+VARIANTS = {"jeet": False, "moe-ce": True}  # artifact name -> has the common expert
+
+
+@dataclass
+class MoEConfig:
+    # One expert stack: the paper's MoE experts are half its students' depth (3 x 768 vs 6 x 768).
+    model: ModelConfig = field(default_factory=lambda: ModelConfig(n_layer=1, n_embd=128, n_head=4))
+    train: TrainConfig = field(default_factory=TrainConfig)
+    scaling: ScalingArgs = field(default_factory=lambda: ScalingArgs(num_workers=1, cpus_per_worker=1))
+    alpha: AlphaConfig = field(default_factory=AlphaConfig)
+    kd_loss: str = "reverse_kl"  # as in distill: reverse_kl, forward_kl, jsd, skew_kl
+    temperature: float = 1.0
+    gate: bool = False  # MoE-CE: a learned per-expert scalar gate instead of the paper's plain mean
+    max_parallel: int = 0  # training runs at once (0 = as many as the cluster fits)
+    eval_blocks: int = 48  # evaluation grid: validation blocks per language (the same for every row)
+    top_k: int = 2  # the grid's top-k mixing row
+
+    def __post_init__(self):
+        if self.kd_loss not in KD_LOSSES:
+            raise MomeError(f"moe.kd_loss '{self.kd_loss}' is not one of {sorted(KD_LOSSES)}")
+        if self.eval_blocks < 1 or self.top_k < 1:
+            raise MomeError(f"moe.eval_blocks and moe.top_k must be >= 1, got {self.eval_blocks}, {self.top_k}")
+
+
+class Routed(nn.Module):
+    """An MoE under fixed options, called like an HF model: `Routed(moe, force="fr")(input_ids=ids).logits`.
+
+    `route(ids, mask)` (a `moe.Router`) decides per batch; other keywords go to `MoE.forward` as they are
+    (`routing=`, `force=`, `mode=`, `k=`, `common=`). Lets `training.evaluate` and `distill.kd_step`,
+    written for HF models, run an MoE.
+    """
+
+    def __init__(self, moe: nn.Module, route=None, **select):
+        super().__init__()
+        self.moe, self.route, self.select = moe, route, select
+
+    def forward(self, input_ids: torch.Tensor):
+        routing = {"routing": self.route(input_ids, None)} if self.route is not None else {}
+        return self.moe(input_ids, **routing, **self.select)
+
+
+def build_jeet(cfg: MoEConfig, langs: list[str], tokenizer_dir: Path, common: bool) -> MoE:
+    tok = load_tokenizer(tokenizer_dir)
+    return MoE(JEETModel(JEETConfig(list(langs), len(tok), tok.eos_token_id, tok.pad_token_id, cfg.model,
+                                    common=common, gate=common and cfg.gate)))
+
+
+def per_language_eval(moe: nn.Module, val: dict, device, train: TrainConfig) -> dict[str, float]:
+    """Validation loss of each language through its own expert (+ the common one in MoE-CE)."""
+    return {l: evaluate(Routed(moe, force=l), {l: blocks}, device, train.batch_size, train.bf16)[l]
+            for l, blocks in val.items()}
+
+
+def train_fn_per_worker(config: dict) -> None:
+    """The Ray Train worker loop of JEET or MoE-CE."""
+    from mome_ray.worker import report, start_run, worker_context
+
+    cfg = from_dict(MoEConfig, config["moe"])
+    langs, tok_dir, seed, name = config["langs"], Path(config["tokenizer_dir"]), config["seed"], config["name"]
+    rank, world, device = worker_context(cfg.scaling.cpus_per_worker)
+    T = cfg.model.n_positions
+
+    # --- data: balanced batches with each block's language; a fixed eval subset per language
+    batches, val = balanced_data(tok_dir, langs, T, cfg.train.batch_size, cfg.train.eval_blocks, seed, rank, world)
+    teacher = load_lm(config["teacher_dir"], tok_dir).to(device).eval().requires_grad_(False)
+
+    # --- the MoE (DDP tolerates stacks no sequence of a rank's batch selected), optimizer, resume
+    run = start_run(lambda: build_jeet(cfg, langs, tok_dir, config["common"]), cfg.train, name, seed, rank,
+                    load=lambda d: MoE(JEETModel.load(d)), save=lambda moe, d: moe.experts.save(d),
+                    ddp_kwargs=DDP_KWARGS)
+    schedule = AlphaSchedule(cfg.alpha, cfg.train.max_steps)
+    if run.resumed:
+        schedule.load_state_dict(run.extra["alpha_state"])
+    else:
+        run.history = [eval_metrics(0, per_language_eval(run.module, val, device, cfg.train))]
+        run.extra = {"trace": new_trace()}
+        if rank == 0:
+            print(f"[{name}] {n_params(run.module) / 1e6:.2f}M params ({len(langs)} stacks"
+                  f"{' + common' if config['common'] else ''}), KD {cfg.kd_loss} / {cfg.alpha.strategy} alpha, "
+                  f"{cfg.train.max_steps} steps", flush=True)
+
+    # --- train: each sequence through its own language's stack
+    kd_fn, trace = KD_LOSSES[cfg.kd_loss], run.extra["trace"]
+    run.model.train()
+    progress = Progress(name, cfg.train.max_steps, cfg.train.batch_size * T * world, cfg.train.log_every, rank == 0)
+    for step in range(run.step, cfg.train.max_steps):
+        ids, lang_index = batches.batch(step)
+        routed = Routed(run.model, routing=Routing.onehot(lang_index.to(device), len(langs)))
+        alpha, beta = schedule.weights(step)
+        progress.tick()
+        ce, kd = kd_step(routed, teacher, run.opt, run.sched, ids.to(device), alpha, beta, kd_fn,
+                         cfg.temperature, cfg.train, device)
+        schedule.update(ce, kd)
+        for key, value in zip(trace, (step + 1, ce, kd, alpha, beta)):
+            trace[key].append(value)
+        progress.tock(step, {"ce": ce, "kd": kd, "alpha": alpha})
+
+        if (step + 1) % cfg.train.eval_every == 0 or step + 1 == cfg.train.max_steps:
+            metrics = eval_metrics(step + 1, per_language_eval(run.module, val, device, cfg.train))
+            metrics.update(ce=ce, kd=kd, alpha=alpha, beta=beta, tokens_per_s=progress.tokens_per_s)
+            run.history.append(metrics)
+            run.extra = {"trace": trace, "alpha_state": schedule.state_dict()}
+            report(run, step + 1, metrics)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Driver side: JEET and MoE-CE, each its own Ray Train run, concurrently; each exported as it finishes.
+
+
+def variant_config(cfg: MoEConfig, name: str, langs: list[str], seed: int) -> dict:
+    """What a trained MoE depends on: a change re-trains it (grid settings do not)."""
+    d = to_dict(cfg)
+    for key in ("max_parallel", "eval_blocks", "top_k") + (() if VARIANTS[name] else ("gate",)):
+        d.pop(key)
+    return {"langs": langs, "seed": seed, "moe": d, "variant": name}
+
+
+def train_moes(cfg: MoEConfig, langs: list[str], run_dir: Path, ray_cfg, seed: int, fresh: bool = False,
+               log=print) -> dict[str, dict]:
+    """Train JEET and MoE-CE unless up to date; returns {name: meta} of both (in RUN_DIR/moe/<name>/)."""
+    from mome_ray.artifacts import is_complete, read_meta, stage_writer, write_meta
+    from mome_ray.launch import TrainJob, export_checkpoint, fit_many
+
+    run_dir = Path(run_dir)
+    check_teacher(cfg, run_dir)
+    out_root = run_dir / "moe"
+    parents = {p: read_meta(run_dir, p)["created"] for p in ("tokenizer", "teacher")}
+    configs = {name: variant_config(cfg, name, langs, seed) for name in VARIANTS}
+    jobs = []
+    for name, common in VARIANTS.items():
+        if (not fresh and is_complete(out_root, name, configs[name])
+                and read_meta(out_root, name)["parents"] == parents):
+            log(f"[moe] {name}: up to date in {out_root / name}, skipped")
+            continue
+        loop = {"moe": to_dict(cfg), "langs": langs, "seed": seed, "name": name, "common": common,
+                "tokenizer_dir": str((run_dir / "tokenizer").resolve()),
+                "teacher_dir": str((run_dir / "teacher").resolve())}
+        jobs.append(TrainJob(f"{run_dir.resolve().name}-{name}", train_fn_per_worker, loop, cfg.scaling,
+                             cfg.train.keep_checkpoints, fresh))
+
+    def export(job, result, resumed: bool) -> None:
+        name = job.loop_config["name"]
+        with stage_writer(out_root, name) as out:
+            state = export_checkpoint(result, out)
+            metrics = {"final": state["history"][-1], "untrained": state["history"][0],
+                       "history": state["history"], "trace": state["trace"], "resumed": resumed}
+            write_meta(out, f"moe/{name}", configs[name], metrics, parents, seed)
+
+    fit_many(jobs, ray_cfg, run_dir, on_done=export, max_parallel=cfg.max_parallel, log=log)
+    return {name: read_meta(out_root, name) for name in VARIANTS}
