@@ -75,7 +75,8 @@ def text_router(classifier: Any, tokenizer: Any, names: Sequence[str]) -> Router
 
     `classifier.predict_proba(texts)` returns `(labels, probs)`: the class names of the columns and a
     (N, C) probability array. A sequence whose most probable class is not one of `names` (e.g. an
-    `unknown` class) is routed as unknown; every expert must be one of the classes.
+    `unknown` class), or whose top probability is below the classifier's `unknown_below` threshold when it
+    has one, is routed as unknown; every expert must be one of the classes.
     """
 
     def route(input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> Routing:
@@ -88,8 +89,12 @@ def text_router(classifier: Any, tokenizer: Any, names: Sequence[str]) -> Router
             raise MomeError(f"the router has no class for expert(s) {missing} (its classes: {labels}); "
                             f"retrain the router on every expert's language")
         cols = torch.tensor([labels.index(n) for n in names])
-        best = [labels[i] for i in probs.argmax(1).tolist()]
-        index = torch.tensor([list(names).index(b) if b in names else UNKNOWN for b in best])
+        top, arg = probs.max(1)
+        best = [labels[i] for i in arg.tolist()]
+        # Below the classifier's own confidence threshold (if it has one), or no probability at all: unknown.
+        sure = (top > 0) & (top >= getattr(classifier, "unknown_below", 0.0))
+        index = torch.tensor([list(names).index(b) if b in names and ok else UNKNOWN
+                              for b, ok in zip(best, sure.tolist())])
         return Routing(index.to(input_ids.device), probs[:, cols].to(input_ids.device))
 
     return route

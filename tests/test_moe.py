@@ -360,6 +360,13 @@ def test_text_router_decodes_masked_ids_and_maps_classes_to_experts():
         text_router(clf, FakeTokenizer(), LANGS + ["es"])(ids, mask)
 
 
+def test_text_router_honours_the_classifiers_unknown_threshold():
+    clf = FakeClassifier()
+    clf.unknown_below = 0.9  # the fake's top probability is 0.8: every sequence is unknown
+    r = text_router(clf, FakeTokenizer(), LANGS)(torch.tensor([[2, 0, 0]]))
+    assert r.index.tolist() == [UNKNOWN]
+
+
 # --- user mistakes
 
 
