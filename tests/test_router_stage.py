@@ -57,7 +57,7 @@ def test_sweep_router_two_trials(ray_head, tiny_tokenized, corpus_dir, tmp_path)
 def test_sweep_needs_an_action(capsys):
     with pytest.raises(SystemExit) as e:
         main(["sweep"])
-    assert e.value.code == 2 and "ACTION" in capsys.readouterr().err
+    assert e.value.code == 2 and "required: SWEEP" in capsys.readouterr().err
 
 
 def test_router_needs_the_tokenizer_stage(tmp_path, capsys):
