@@ -117,7 +117,7 @@ def new_trace() -> dict[str, list]:
 
 def train_fn_per_worker(config: dict) -> None:
     """The Ray Train worker loop of one student (an expert, a no-KD student or the multilingual one)."""
-    from mome_ray.worker import report, start_run, worker_context
+    from mome_ray.worker import start_run, worker_context
 
     cfg = from_dict(DistillConfig, config["distill"])
     student = Student(**config["student"])
@@ -149,14 +149,31 @@ def train_fn_per_worker(config: dict) -> None:
                   f"{'KD ' + cfg.kd_loss + ' / ' + cfg.alpha.strategy + ' alpha' if student.kd else 'CE only'}, "
                   f"{cfg.train.max_steps} steps", flush=True)
 
+    kd_train(run, batches, teacher, schedule, cfg, device, name, world,
+             lambda: evaluate(run.model, val, device, cfg.train.batch_size, cfg.train.bf16))
+
+
+def kd_train(run, batches, teacher, schedule: AlphaSchedule, cfg, device, name: str, world: int,
+             evaluate_fn, route=None) -> None:
+    """The KD loop every distilled model shares (students here, JEET / MoE-CE in `moe_train`).
+
+    From `run.step` to `cfg.train.max_steps`: α·CE + β·KD steps, the per-step trace (CE, KD, α, β),
+    progress lines, and at every evaluation `evaluate_fn()` -> {lang: loss} reported with a checkpoint.
+    `route(model, lang_index)` wraps the model per batch (the MoEs route each sequence to its stack).
+    `cfg` needs `train`, `model`, `kd_loss` and `temperature` (DistillConfig, MoEConfig).
+    """
+    from mome_ray.worker import report
+
     kd_fn, trace = KD_LOSSES[cfg.kd_loss], run.extra["trace"]
     run.model.train()
-    progress = Progress(name, cfg.train.max_steps, cfg.train.batch_size * T * world, cfg.train.log_every, rank == 0)
+    progress = Progress(name, cfg.train.max_steps, cfg.train.batch_size * cfg.model.n_positions * world,
+                        cfg.train.log_every, run.rank == 0)
     for step in range(run.step, cfg.train.max_steps):
-        ids = batches.batch(step)[0].to(device)
+        ids, lang_index = batches.batch(step)
+        model = route(run.model, lang_index.to(device)) if route else run.model
         alpha, beta = schedule.weights(step)
         progress.tick()
-        ce, kd = kd_step(run.model, teacher, run.opt, run.sched, ids, alpha, beta, kd_fn, cfg.temperature,
+        ce, kd = kd_step(model, teacher, run.opt, run.sched, ids.to(device), alpha, beta, kd_fn, cfg.temperature,
                          cfg.train, device)
         if kd is not None:
             schedule.update(ce, kd)
@@ -165,7 +182,7 @@ def train_fn_per_worker(config: dict) -> None:
         progress.tock(step, {"ce": ce, **({"kd": kd, "alpha": alpha} if kd is not None else {})})
 
         if (step + 1) % cfg.train.eval_every == 0 or step + 1 == cfg.train.max_steps:
-            metrics = eval_metrics(step + 1, evaluate(run.model, val, device, cfg.train.batch_size, cfg.train.bf16))
+            metrics = eval_metrics(step + 1, evaluate_fn())
             metrics.update(ce=ce, kd=kd if kd is not None else float("nan"), alpha=alpha, beta=beta,
                            tokens_per_s=progress.tokens_per_s)
             run.history.append(metrics)

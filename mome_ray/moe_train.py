@@ -25,14 +25,14 @@ from mome_ray.alpha import AlphaConfig, AlphaSchedule
 from mome_ray.cluster import ScalingArgs
 from mome_ray.config import from_dict, to_dict
 from mome_ray.data import balanced_data
-from mome_ray.distill import check_teacher, kd_step, new_trace
+from mome_ray.distill import check_teacher, kd_train, new_trace
 from mome_ray.errors import MomeError
 from mome_ray.jeet import DDP_KWARGS, JEETConfig, JEETModel
 from mome_ray.losses import KD_LOSSES
 from mome_ray.models import ModelConfig, load_lm, n_params
 from mome_ray.moe import MoE, Routing
 from mome_ray.tokenizer import load_tokenizer
-from mome_ray.training import Progress, TrainConfig, eval_metrics, evaluate
+from mome_ray.training import TrainConfig, eval_metrics, evaluate
 
 VARIANTS = {"jeet": False, "moe-ce": True}  # artifact name -> has the common expert
 
@@ -89,7 +89,7 @@ def per_language_eval(moe: nn.Module, val: dict, device, train: TrainConfig) -> 
 
 def train_fn_per_worker(config: dict) -> None:
     """The Ray Train worker loop of JEET or MoE-CE."""
-    from mome_ray.worker import report, start_run, worker_context
+    from mome_ray.worker import start_run, worker_context
 
     cfg = from_dict(MoEConfig, config["moe"])
     langs, tok_dir, seed, name = config["langs"], Path(config["tokenizer_dir"]), config["seed"], config["name"]
@@ -116,27 +116,9 @@ def train_fn_per_worker(config: dict) -> None:
                   f"{cfg.train.max_steps} steps", flush=True)
 
     # --- train: each sequence through its own language's stack
-    kd_fn, trace = KD_LOSSES[cfg.kd_loss], run.extra["trace"]
-    run.model.train()
-    progress = Progress(name, cfg.train.max_steps, cfg.train.batch_size * T * world, cfg.train.log_every, rank == 0)
-    for step in range(run.step, cfg.train.max_steps):
-        ids, lang_index = batches.batch(step)
-        routed = Routed(run.model, routing=Routing.onehot(lang_index.to(device), len(langs)))
-        alpha, beta = schedule.weights(step)
-        progress.tick()
-        ce, kd = kd_step(routed, teacher, run.opt, run.sched, ids.to(device), alpha, beta, kd_fn,
-                         cfg.temperature, cfg.train, device)
-        schedule.update(ce, kd)
-        for key, value in zip(trace, (step + 1, ce, kd, alpha, beta)):
-            trace[key].append(value)
-        progress.tock(step, {"ce": ce, "kd": kd, "alpha": alpha})
-
-        if (step + 1) % cfg.train.eval_every == 0 or step + 1 == cfg.train.max_steps:
-            metrics = eval_metrics(step + 1, per_language_eval(run.module, val, device, cfg.train))
-            metrics.update(ce=ce, kd=kd, alpha=alpha, beta=beta, tokens_per_s=progress.tokens_per_s)
-            run.history.append(metrics)
-            run.extra = {"trace": trace, "alpha_state": schedule.state_dict()}
-            report(run, step + 1, metrics)
+    kd_train(run, batches, teacher, schedule, cfg, device, name, world,
+             lambda: per_language_eval(run.module, val, device, cfg.train),
+             route=lambda model, lang_index: Routed(model, routing=Routing.onehot(lang_index, len(langs))))
 
 
 # ----------------------------------------------------------------------------------------------------------
