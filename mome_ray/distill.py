@@ -80,8 +80,9 @@ def plan(cfg: DistillConfig, run_langs: list[str]) -> list[Student]:
                         f"`langs` and rebuild the corpus, or use `mome add-expert`")
     students = [Student(lang, [lang], kd=True) for lang in langs]
     if cfg.baselines:
-        students += [Student(f"nokd-{lang}", [lang], kd=False) for lang in langs]
+        # Longest first (the KD runs also run the teacher), so the short CE-only runs fill the last slots.
         students.append(Student("multilingual", list(run_langs), kd=True))
+        students += [Student(f"nokd-{lang}", [lang], kd=False) for lang in langs]
     return students
 
 
