@@ -58,9 +58,12 @@ def init_ray(cfg: RayConfig | None = None, temp_dir: str | None = None) -> None:
     if os.environ.get("RAY_ADDRESS"):
         ray.init(log_to_driver=True)
         return
+    # The dashboard (on 127.0.0.1) serves the state API that Train's placement-group cleaner needs: without
+    # it, a Tune trial's finished TorchTrainer leaves its placement group behind and the next trial waits.
     ray.init(
         num_cpus=(cfg.num_cpus or None) if cfg else None,
-        include_dashboard=False,
+        include_dashboard=True,
+        dashboard_host="127.0.0.1",
         _node_ip_address="127.0.0.1",
         _temp_dir=temp_dir,
     )
