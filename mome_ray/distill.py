@@ -140,31 +140,32 @@ def train_fn_per_worker(config: dict) -> None:
 
     run = start_run(build, cfg.train, name, seed, rank)
     schedule = AlphaSchedule(cfg.alpha if student.kd else AlphaConfig("fixed", 1.0), cfg.train.max_steps)
-    if run.resumed:
-        schedule.load_state_dict(run.extra["alpha_state"])
-    else:
-        run.history = [eval_metrics(0, evaluate(run.model, val, device, cfg.train.batch_size, cfg.train.bf16))]
-        run.extra = {"trace": new_trace()}
-        if rank == 0:
-            print(f"[{name}] {n_params(run.model) / 1e6:.2f}M params, langs {student.langs}, "
-                  f"{'KD ' + cfg.kd_loss + ' / ' + cfg.alpha.strategy + ' alpha' if student.kd else 'CE only'}, "
-                  f"{cfg.train.max_steps} steps", flush=True)
-
+    banner = (f"{n_params(run.model) / 1e6:.2f}M params, langs {student.langs}, "
+              f"{'KD ' + cfg.kd_loss + ' / ' + cfg.alpha.strategy + ' alpha' if student.kd else 'CE only'}")
     kd_train(run, batches, teacher, schedule, cfg, device, name, world,
-             lambda: evaluate(run.model, val, device, cfg.train.batch_size, cfg.train.bf16))
+             lambda: evaluate(run.model, val, device, cfg.train.batch_size, cfg.train.bf16), banner)
 
 
 def kd_train(run, batches, teacher, schedule: AlphaSchedule, cfg, device, name: str, world: int,
-             evaluate_fn, route=None) -> None:
+             evaluate_fn, banner: str, route=None) -> None:
     """The KD loop every distilled model shares (students here, JEET / MoE-CE in `moe_train`).
 
-    From `run.step` to `cfg.train.max_steps`: α·CE + β·KD steps, the per-step trace (CE, KD, α, β),
-    progress lines, and at every evaluation `evaluate_fn()` -> {lang: loss} reported with a checkpoint.
+    A resumed run gets its α schedule back; a fresh one is evaluated at step 0 (the untrained baseline)
+    and rank 0 prints `banner`. Then from `run.step` to `cfg.train.max_steps`: α·CE + β·KD steps, the
+    per-step trace (CE, KD, α, β), progress lines, and at every evaluation `evaluate_fn()` -> {lang: loss}
+    reported with a checkpoint.
     `route(model, lang_index)` wraps the model per batch (the MoEs route each sequence to its stack).
     `cfg` needs `train`, `model`, `kd_loss` and `temperature` (DistillConfig, MoEConfig).
     """
     from mome_ray.worker import report
 
+    if run.resumed:
+        schedule.load_state_dict(run.extra["alpha_state"])
+    else:
+        run.history = [eval_metrics(0, evaluate_fn())]
+        run.extra = {"trace": new_trace()}
+        if run.rank == 0:
+            print(f"[{name}] {banner}, {cfg.train.max_steps} steps", flush=True)
     kd_fn, trace = KD_LOSSES[cfg.kd_loss], run.extra["trace"]
     run.model.train()
     progress = Progress(name, cfg.train.max_steps, cfg.train.batch_size * cfg.model.n_positions * world,

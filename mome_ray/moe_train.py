@@ -25,14 +25,14 @@ from mome_ray.alpha import AlphaConfig, AlphaSchedule
 from mome_ray.cluster import ScalingArgs
 from mome_ray.config import from_dict, to_dict
 from mome_ray.data import balanced_data
-from mome_ray.distill import check_teacher, kd_train, new_trace
+from mome_ray.distill import check_teacher, kd_train
 from mome_ray.errors import MomeError
 from mome_ray.jeet import DDP_KWARGS, JEETConfig, JEETModel
 from mome_ray.losses import KD_LOSSES
 from mome_ray.models import ModelConfig, load_lm, n_params
 from mome_ray.moe import MoE, Routing
 from mome_ray.tokenizer import load_tokenizer
-from mome_ray.training import TrainConfig, eval_metrics, evaluate
+from mome_ray.training import TrainConfig, evaluate
 
 VARIANTS = {"jeet": False, "moe-ce": True}  # artifact name -> has the common expert
 
@@ -104,20 +104,12 @@ def train_fn_per_worker(config: dict) -> None:
     run = start_run(lambda: build_jeet(cfg, langs, tok_dir, config["common"]), cfg.train, name, seed, rank,
                     load=lambda d: MoE(JEETModel.load(d)), save=lambda moe, d: moe.experts.save(d),
                     ddp_kwargs=DDP_KWARGS)
-    schedule = AlphaSchedule(cfg.alpha, cfg.train.max_steps)
-    if run.resumed:
-        schedule.load_state_dict(run.extra["alpha_state"])
-    else:
-        run.history = [eval_metrics(0, per_language_eval(run.module, val, device, cfg.train))]
-        run.extra = {"trace": new_trace()}
-        if rank == 0:
-            print(f"[{name}] {n_params(run.module) / 1e6:.2f}M params ({len(langs)} stacks"
-                  f"{' + common' if config['common'] else ''}), KD {cfg.kd_loss} / {cfg.alpha.strategy} alpha, "
-                  f"{cfg.train.max_steps} steps", flush=True)
+    banner = (f"{n_params(run.module) / 1e6:.2f}M params ({len(langs)} stacks"
+              f"{' + common' if config['common'] else ''}), KD {cfg.kd_loss} / {cfg.alpha.strategy} alpha")
 
     # --- train: each sequence through its own language's stack
-    kd_train(run, batches, teacher, schedule, cfg, device, name, world,
-             lambda: per_language_eval(run.module, val, device, cfg.train),
+    kd_train(run, batches, teacher, AlphaSchedule(cfg.alpha, cfg.train.max_steps), cfg, device, name, world,
+             lambda: per_language_eval(run.module, val, device, cfg.train), banner,
              route=lambda model, lang_index: Routed(model, routing=Routing.onehot(lang_index, len(langs))))
 
 
