@@ -12,6 +12,7 @@
     mome forgetting   --config configs/small.yaml
     mome add-expert   --config configs/small.yaml --lang es --source PATH
     mome report       runs/small
+    mome serve        runs/small --config configs/small.yaml
     mome pipeline     --config configs/small.yaml
 
 Trailing `a.b=c` arguments override the config. Connects to RAY_ADDRESS when set, else starts a local
@@ -72,6 +73,12 @@ def _parser() -> argparse.ArgumentParser:
     a.add_argument("--source", required=True, help="a folder of text files in that language")
     r = sub.add_parser("report", help="write RUN_DIR/report.md + PNG plots of every stage that has run")
     r.add_argument("run_dir", help="the run directory (e.g. runs/small)")
+    sv = sub.add_parser("serve", help="serve the run's router + experts over HTTP with Ray Serve (Ctrl-C stops)")
+    sv.add_argument("run_dir", help="the run directory (e.g. runs/small), after `mome moe`")
+    sv.add_argument("--config", "-c", help="a preset whose `serve:` section configures the app")
+    sv.add_argument("--host", help="bind address (default serve.host: 127.0.0.1)")
+    sv.add_argument("--port", type=int, help="port (default serve.port: 8000)")
+    sv.add_argument("overrides", nargs="*", metavar="key.path=value", help="config overrides, e.g. serve.teacher=false")
     pl = stage("pipeline", "run every stage in order, skipping the ones already up to date")
     pl.add_argument("--force", action="store_true", help="re-run every stage")
     return p
@@ -87,6 +94,11 @@ def main(argv: list[str] | None = None) -> int:
             from mome_ray.report import write_report
 
             print(f"report: {write_report(args.run_dir)}")
+            return 0
+        if args.cmd == "serve":  # the app lives in serve/ (how models are exposed), not in the library
+            from serve.launch import serve_forever
+
+            serve_forever(args.run_dir, args.config, args.overrides, args.host, args.port)
             return 0
         cfg = load_settings(args.config, args.overrides)
         if args.cmd == "corpus":

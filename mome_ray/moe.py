@@ -238,7 +238,7 @@ class MoE(nn.Module):
         ids, done = input_ids, torch.zeros(len(input_ids), dtype=torch.bool, device=input_ids.device)
         for _ in range(max_new_tokens):
             logits = self._run(ids[:, -self.experts.n_positions:], None, plan)[:, -1].float()  # (B, V)
-            nxt = _sample(logits, temperature, top_p, gen)
+            nxt = sample_next(logits, temperature, top_p, gen)
             if eos_id is not None:
                 nxt = torch.where(done, torch.full_like(nxt, eos_id), nxt)
                 done |= nxt == eos_id
@@ -338,7 +338,7 @@ class MoE(nn.Module):
         return mixed
 
 
-def _sample(logits: torch.Tensor, temperature: float, top_p: float, gen: torch.Generator) -> torch.Tensor:
+def sample_next(logits: torch.Tensor, temperature: float, top_p: float, gen: torch.Generator) -> torch.Tensor:
     """Next token per row from (B, V) logits: greedy at temperature 0, else nucleus sampling."""
     if temperature == 0:
         return logits.argmax(-1)

@@ -14,6 +14,7 @@ from mome_ray.distill import DistillConfig
 from mome_ray.router.model import RouterConfig
 from mome_ray.forgetting import ForgettingConfig
 from mome_ray.moe_train import MoEConfig
+from mome_ray.serving import ServeConfig
 from mome_ray.teacher import TeacherConfig
 from mome_ray.tokenizer import TokenizerConfig
 
@@ -30,6 +31,7 @@ class Settings:
     router: RouterConfig = field(default_factory=RouterConfig)
     moe: MoEConfig = field(default_factory=MoEConfig)
     forgetting: ForgettingConfig = field(default_factory=ForgettingConfig)
+    serve: ServeConfig = field(default_factory=ServeConfig)
     ray: RayConfig = field(default_factory=RayConfig)
 
 

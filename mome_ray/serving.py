@@ -1,0 +1,232 @@
+"""What the Serve app serves, without Ray: the served run (`ServeSpec`), one served LM (`ServedLM`), config.
+
+    spec = load_spec("runs/small")                    # experts + router + tokenizer of the run's MoE artifact
+    lm = ServedLM(spec.backends["fr"])                # one expert, loaded from safetensors only
+    lm.score([[12, 7, 99]])                           # per-token log p(next token), one list per row
+    for step in lm.generate([GenRequest(ids, 32, temperature=0.8, top_p=0.95, seed=1)]):
+        ...                                           # one new token per request per step (None once done)
+
+`serve/app.py` puts one `ServedLM` in each expert deployment and the router in the ingress. Generation is
+batched across requests of different lengths (left padding + explicit positions) with a KV cache, and
+each request samples from its own seeded generator, so a seed gives the same text alone or in a batch.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from mome_ray.errors import MomeError
+from mome_ray.jeet import COMMON
+from mome_ray.moe import sample_next
+
+TEACHER = "teacher"
+TOKEN_ENV = "MOME_SERVE_TOKEN"  # bearer token for the HTTP API; overrides serve.auth_token
+
+
+@dataclass
+class DeploymentArgs:
+    """Serve options of one deployment (the router ingress or an expert)."""
+
+    num_replicas: int = 1  # ignored when autoscaling is set
+    num_cpus: float = 0.25  # per replica: fractional, so 4 experts + teacher + router fit 2 cores
+    num_gpus: float = 0.0
+    max_ongoing_requests: int = 64  # Serve's default (5) collapses throughput under concurrency (DESIGN.md)
+    max_batch_size: int = 8  # @serve.batch
+    batch_wait_timeout_s: float = 0.005
+    autoscaling: dict[str, Any] | None = None  # Serve autoscaling_config, e.g. {min_replicas: 1, max_replicas: 4}
+
+    def __post_init__(self):
+        if self.num_replicas < 1 or self.num_cpus < 0 or self.num_gpus < 0 or self.max_ongoing_requests < 1 \
+                or self.max_batch_size < 1 or self.batch_wait_timeout_s < 0:
+            raise MomeError("serve deployment options need num_replicas >= 1, num_cpus/num_gpus >= 0, "
+                            "max_ongoing_requests >= 1, max_batch_size >= 1 and batch_wait_timeout_s >= 0")
+
+    def options(self, name: str, access_log: bool = False) -> dict:
+        """`Deployment.options(...)` keyword arguments."""
+        opts = {"name": name, "max_ongoing_requests": self.max_ongoing_requests,
+                "ray_actor_options": {"num_cpus": self.num_cpus, **({"num_gpus": self.num_gpus} if self.num_gpus else {})},
+                "logging_config": {"enable_access_log": access_log}}
+        if self.autoscaling:
+            opts["autoscaling_config"] = dict(self.autoscaling)
+        else:
+            opts["num_replicas"] = self.num_replicas
+        return opts
+
+
+@dataclass
+class ServeLimits:
+    """Bounds on a request; over them is a 4xx that names the bound."""
+
+    max_prompt_chars: int = 8000
+    max_prompt_tokens: int = 512  # also bounded by the experts' context (n_positions)
+    max_new_tokens: int = 256  # also bounded by the context: prompt + new tokens <= n_positions
+    max_batch: int = 64  # texts in one /v1/route request
+    max_body_bytes: int = 1_000_000
+
+
+@dataclass
+class ServeConfig:
+    artifact: str = "moe"  # RUN_DIR/<artifact>/ple.json: the MoE to serve (e.g. moe_plus_es after add-expert)
+    teacher: bool = True  # also deploy the teacher (request it with expert="teacher"): the baseline to compare
+    host: str = "127.0.0.1"  # `mome serve` binds loopback unless told otherwise
+    port: int = 8000
+    auth_token: str = ""  # bearer token required on /v1/*; env MOME_SERVE_TOKEN overrides; "" = no auth
+    access_log: bool = False  # per-request access logs (off: they cost throughput, DESIGN.md)
+    limits: ServeLimits = field(default_factory=ServeLimits)
+    router: DeploymentArgs = field(default_factory=lambda: DeploymentArgs(num_cpus=0.25, max_batch_size=32))
+    expert: DeploymentArgs = field(default_factory=DeploymentArgs)  # every expert and the teacher
+    experts: dict[str, DeploymentArgs] = field(default_factory=dict)  # per-expert overrides, e.g. {py: {...}}
+
+    def expert_args(self, name: str) -> DeploymentArgs:
+        return self.experts.get(name, self.expert)
+
+    def token(self) -> str:
+        return os.environ.get(TOKEN_ENV, self.auth_token)
+
+
+@dataclass
+class ServeSpec:
+    """A run's servable parts: a model directory per backend (experts, common, teacher), router, tokenizer."""
+
+    run_dir: Path
+    backends: dict[str, Path]  # language experts in order, then `common` and `teacher` when present
+    langs: list[str]  # the routable experts
+    router: Path | None
+    tokenizer: Path
+
+    @property
+    def common(self) -> str | None:
+        return COMMON if COMMON in self.backends else None
+
+
+def load_spec(run_dir: str | Path, artifact: str = "moe", teacher: bool = True) -> ServeSpec:
+    """The MoE artifact RUN_DIR/<artifact>/ple.json (written by `mome moe` / `mome add-expert`) as a ServeSpec."""
+    run_dir = Path(run_dir).resolve()
+    index = run_dir / artifact / "ple.json"
+    if not index.is_file():
+        raise MomeError(f"no MoE artifact at '{index}'; run `mome moe --config ...` (or `mome pipeline`) "
+                        f"for this run first")
+    try:
+        ple = json.loads(index.read_text())
+        experts = {str(k): run_dir / v for k, v in ple["experts"].items()}
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
+        raise MomeError(f"'{index}' is not a valid MoE artifact ({e}); re-run `mome moe`") from None
+    langs = [n for n in experts if n != COMMON]
+    backends = dict(experts)
+    if teacher and (run_dir / TEACHER / "config.json").is_file():
+        backends[TEACHER] = run_dir / TEACHER
+    for name, d in backends.items():
+        check_model_dir(name, d)
+    router = run_dir / ple["router"] if ple.get("router") else None
+    if not langs:
+        raise MomeError(f"'{index}' lists no language experts")
+    return ServeSpec(run_dir, backends, langs, router, run_dir / "tokenizer")
+
+
+def check_model_dir(name: str, d: Path) -> None:
+    """Only safetensors weights are served (a pickled .bin could run code when loaded)."""
+    if not (d / "config.json").is_file() or not (d / "model.safetensors").is_file():
+        raise MomeError(f"expert '{name}': '{d}' has no config.json + model.safetensors; only safetensors "
+                        f"models are served (distil it again with this version of mome)")
+
+
+def file_version(path: Path) -> str:
+    """The first 12 hex digits of the file's sha256: what `/v1/experts` reports as an expert's version."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()[:12]
+
+
+@dataclass
+class GenRequest:
+    ids: list[int]  # the prompt's token ids (at least one)
+    max_new_tokens: int
+    temperature: float = 1.0  # 0 = greedy
+    top_p: float = 1.0
+    seed: int = 0
+
+
+class ServedLM:
+    """One causal LM from a safetensors directory, for batched scoring and generation on CPU or GPU."""
+
+    def __init__(self, model_dir: str | Path, device: str = "cpu"):
+        from transformers import AutoModelForCausalLM
+
+        model_dir = Path(model_dir)
+        check_model_dir(model_dir.name, model_dir)
+        self.model = AutoModelForCausalLM.from_pretrained(str(model_dir), use_safetensors=True).to(device).eval()
+        self.model_dir, self.device = model_dir, torch.device(device)
+        self.version = file_version(model_dir / "model.safetensors")
+        cfg = self.model.config
+        self.n_positions, self.vocab_size, self.eos_id = cfg.n_positions, cfg.vocab_size, cfg.eos_token_id
+        self.pad_id = cfg.pad_token_id if cfg.pad_token_id is not None else 0
+        self.params = sum(p.numel() for p in self.model.parameters())
+
+    def info(self) -> dict:
+        return {"version": self.version, "params": self.params, "n_positions": self.n_positions,
+                "model_dir": str(self.model_dir)}
+
+    @torch.inference_mode()
+    def score(self, rows: list[list[int]]) -> list[list[float]]:
+        """Per row, log p(token t+1 | tokens <= t) for each of its len − 1 next tokens."""
+        ids, mask, pos = self._pad(rows, left=False)
+        logp = F.log_softmax(self.model(input_ids=ids, attention_mask=mask, position_ids=pos).logits.float(), -1)
+        picked = logp[:, :-1].gather(-1, ids[:, 1:, None]).squeeze(-1)
+        return [picked[i, : len(r) - 1].tolist() for i, r in enumerate(rows)]
+
+    @torch.inference_mode()
+    def next_logprobs(self, rows: list[list[int]]) -> torch.Tensor:
+        """(B, V) log-probabilities of the token after each row (for mixing experts in the ingress)."""
+        ids, mask, pos = self._pad(rows, left=True)
+        return F.log_softmax(self.model(input_ids=ids, attention_mask=mask, position_ids=pos).logits[:, -1].float(),
+                             -1).cpu()
+
+    @torch.inference_mode()
+    def generate(self, reqs: list[GenRequest]) -> Iterator[list[int | None]]:
+        """Per step, each request's next token, or None once it is done (eos or its max_new_tokens)."""
+        for r in reqs:
+            if not r.ids or len(r.ids) + r.max_new_tokens > self.n_positions:
+                raise MomeError(f"a prompt of {len(r.ids)} tokens + {r.max_new_tokens} new tokens does not fit "
+                                f"this model's context of {self.n_positions} tokens")
+        gens = [torch.Generator().manual_seed(r.seed) for r in reqs]
+        ids, mask, pos = self._pad([r.ids for r in reqs], left=True)
+        done = [False] * len(reqs)
+        past, step = None, 0
+        while not all(done):
+            out = self.model(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=past, use_cache=True)
+            past, logits = out.past_key_values, out.logits[:, -1].float().cpu()
+            nxt = []
+            for i, r in enumerate(reqs):
+                if done[i]:
+                    nxt.append(None)
+                    continue
+                tok = int(sample_next(logits[i: i + 1], r.temperature, r.top_p, gens[i])[0])
+                nxt.append(tok)
+                done[i] = tok == self.eos_id or step + 1 >= r.max_new_tokens
+            yield nxt
+            step += 1
+            ids = torch.tensor([[t if t is not None else self.pad_id] for t in nxt], device=self.device)
+            mask = torch.cat([mask, torch.ones_like(ids)], 1)
+            pos = pos[:, -1:] + 1
+
+    def _pad(self, rows: list[list[int]], left: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Pad rows to one length (left for generation, so every row's last token is at the end)."""
+        width = max(len(r) for r in rows)
+        ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for i, r in enumerate(rows):
+            span = slice(width - len(r), width) if left else slice(0, len(r))
+            ids[i, span], mask[i, span] = torch.tensor(r, dtype=torch.long), 1
+        pos = (mask.cumsum(1) - 1).clamp(min=0)  # positions count real tokens only, whatever the padding
+        return ids.to(self.device), mask.to(self.device), pos.to(self.device)

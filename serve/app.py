@@ -1,0 +1,380 @@
+"""The Ray Serve application: a router ingress (FastAPI) composed with one deployment per expert.
+
+    mome serve runs/small                                   # local, 127.0.0.1:8000
+    serve run serve.app:build_app run_dir=runs/small        # the same with Serve's CLI
+    serve deploy serve/config.yaml                          # on a running cluster
+
+Deployments (names as in serve/config.yaml): `router` (the ingress: tokenizer + router, the HTTP API) and
+`expert-<name>` for each language expert, the common expert when the MoE has one and the teacher (the
+baseline). The ingress awaits its expert handles; it never blocks on them. Routing texts in the ingress
+and scoring / generating in each expert are batched across concurrent requests (`@serve.batch`).
+
+An expert loads its model in `reconfigure` from its `user_config` ({model_dir, version, batch options}):
+redeploying with a new version of one expert (after `mome add-expert` or a re-distil; the builder puts
+the weights' sha256 in the version) swaps that expert's model in place. In-flight requests finish on
+the model they started with; nothing is dropped.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+import math
+import secrets
+import time
+import uuid
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import torch
+from fastapi import HTTPException
+from fastapi.responses import StreamingResponse
+from pydantic import BaseModel, Field
+from ray import serve
+from ray.serve.handle import DeploymentHandle
+
+from mome_ray.jeet import COMMON
+from mome_ray.moe import sample_next
+from mome_ray.serving import TEACHER, GenRequest, ServeConfig, ServedLM, file_version, load_spec
+from serve.api import (CompletionRequest, ExpertInfo, ExpertsResponse, GenerateRequest, GenerateResponse, Route,
+                       RouteRequest, RouteResponse, ScoreRequest, ScoreResponse, Select)
+from serve.http import http_app
+
+def replica_setup(threads: int) -> None:
+    """torch threads = the replica's CPUs; no progress bars or INFO lines from transformers."""
+    import transformers
+
+    torch.set_num_threads(threads)
+    transformers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.set_verbosity_error()
+
+
+@serve.deployment
+class Expert:
+    """One causal LM (a language expert, the common expert or the teacher): batched score and generate."""
+
+    def __init__(self, name: str, threads: int, config: dict):
+        replica_setup(threads)
+        self.name, self.lm = name, None
+        self.reconfigure(config)  # Serve calls it again with the same user_config: a no-op then
+
+    def reconfigure(self, config: dict) -> None:
+        """Load `config["model_dir"]` unless this version is already loaded; then swap (a hot update)."""
+        self.score.set_max_batch_size(config.get("max_batch_size", 8))
+        self.score.set_batch_wait_timeout_s(config.get("batch_wait_timeout_s", 0.005))
+        self._generate_batch.set_max_batch_size(config.get("max_batch_size", 8))
+        self._generate_batch.set_batch_wait_timeout_s(config.get("batch_wait_timeout_s", 0.005))
+        if self.lm is None or self.lm.version != config.get("version") or str(self.lm.model_dir) != config["model_dir"]:
+            self.lm = ServedLM(config["model_dir"])  # requests already running keep the model they hold
+
+    def info(self) -> dict:
+        return {"name": self.name, **self.lm.info()}
+
+    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.005)
+    async def score(self, rows: list[list[int]]) -> list[list[float]]:
+        return await asyncio.to_thread(self.lm.score, rows)
+
+    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.005)
+    async def next_logprobs(self, rows: list[list[int]]) -> list[torch.Tensor]:
+        return list(await asyncio.to_thread(self.lm.next_logprobs, rows))
+
+    async def generate(self, req: GenRequest) -> AsyncIterator[int]:
+        """Streams the request's new token ids (a plain async generator, which Serve streams; the batching
+        wrapper below is not one to Serve's eyes)."""
+        async for token in self._generate_batch(req):
+            yield token
+
+    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.005)
+    async def _generate_batch(self, reqs: list[GenRequest]) -> AsyncIterator[list]:
+        """Per step, each request's next token id (StopIteration ends that request's stream)."""
+        steps = self.lm.generate(reqs)
+        while (out := await asyncio.to_thread(next, steps, None)) is not None:
+            yield [StopIteration if t is None else t for t in out]
+
+
+@serve.deployment
+@serve.ingress()
+class Gateway:
+    """The ingress: validates, routes each prompt (batched), calls the experts' handles, answers.
+
+    The HTTP routes (serve/http.py) call these methods; so can a handle (Serve's local testing mode).
+    A client mistake raises HTTPException(4xx) with a message that says what was wrong.
+    """
+
+    def __init__(self, experts: dict[str, DeploymentHandle], spec: dict):
+        from mome_ray.config import from_dict
+        from mome_ray.serving import ServeLimits
+        from mome_ray.tokenizer import load_tokenizer
+
+        # Not `torch.` here: cloudpickle pickles this class by value (it is wrapped by @serve.ingress) and
+        # takes `.classes` below for a use of the module `torch.classes`, which does not pickle.
+        replica_setup(1)
+        self.handles, self.langs, self.kinds = experts, spec["langs"], spec["kinds"]
+        self.n_positions, self.limits = spec["n_positions"], from_dict(ServeLimits, spec["limits"])
+        self.tok = load_tokenizer(Path(spec["tokenizer"]))
+        self.eos = self.tok.eos_token_id
+        self.router, self.router_info = None, {"classes": [], "version": None}
+        if spec["router"]:
+            from mome_ray.router import load_router
+
+            self.router = load_router(Path(spec["router"]))
+            missing = [l for l in self.langs if l not in self.router.classes]
+            if missing:
+                raise ValueError(f"the router has no class for expert(s) {missing}; retrain it on every language")
+            self.router_info = {"classes": self.router.classes, "unknown_below": self.router.unknown_below,
+                                "version": spec["router_version"]}
+        self._route_batch.set_max_batch_size(spec["router_batch"])
+        self.token = spec["token"]
+
+    def __serve_build_asgi_app__(self):
+        """The FastAPI app, built in the replica (nothing of it is pickled)."""
+        return http_app(self, self.token, self.limits.max_body_bytes)
+
+    # --- endpoints
+
+    async def healthz(self) -> dict:
+        try:
+            await asyncio.wait_for(asyncio.gather(*[h.info.remote() for h in self.handles.values()]), 10)
+        except Exception as e:  # an expert is down or restarting: not ready (a server state, not a client error)
+            raise HTTPException(503, f"an expert is not answering: {type(e).__name__}") from None
+        return {"status": "ok", "experts": list(self.handles)}
+
+    async def experts(self) -> ExpertsResponse:
+        infos = await asyncio.gather(*[h.info.remote() for h in self.handles.values()])
+        return ExpertsResponse(experts=[ExpertInfo(kind=self.kinds[i["name"]], **i) for i in infos],
+                               router=self.router_info)
+
+    async def route(self, body: RouteRequest) -> RouteResponse:
+        texts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
+        if not 1 <= len(texts) <= self.limits.max_batch:
+            raise HTTPException(422, f"prompt: give 1 to {self.limits.max_batch} texts (serve.limits.max_batch), "
+                                     f"got {len(texts)}")
+        for t in texts:
+            self._check_chars(t)
+        self._need_router()
+        return RouteResponse(results=list(await asyncio.gather(*[self._route_batch(t) for t in texts])))
+
+    async def score(self, body: ScoreRequest) -> ScoreResponse:
+        ids = self._encode(body.prompt)
+        experts, weights, route = await self._select(body, body.prompt)
+        self._check_fits(experts, len(ids), 0)
+        rows = await asyncio.gather(*[self.handles[e].score.remote(ids) for e in experts])
+        logp = torch.logsumexp(torch.tensor(rows) + torch.tensor(weights).log()[:, None], 0)  # mix probabilities
+        return ScoreResponse(experts=experts, weights=weights, route=route,
+                             tokens=[self.tok.decode([i]) for i in ids[1:]], logprobs=logp.tolist(),
+                             perplexity=math.exp(-logp.mean().item()))
+
+    async def generate(self, body: GenerateRequest):
+        run = await self._start(body, body.prompt, body.max_new_tokens, body.temperature, body.top_p, body.seed)
+        if body.stream:
+            return sse(self._generate_events(run))
+        text, n, reason = await run.collect()
+        return GenerateResponse(experts=run.experts, weights=run.weights, route=run.route, text=text,
+                                prompt_tokens=run.prompt_tokens, completion_tokens=n, finish_reason=reason)
+
+    async def completions(self, body: CompletionRequest):
+        """OpenAI-compatible completions (one choice; `model`: "mome" routes, an expert name forces it)."""
+        select = Select() if body.model == "mome" else Select(expert=body.model)
+        seed = body.seed if body.seed is not None else secrets.randbelow(2**31)
+        run = await self._start(select, body.text, body.max_tokens, body.temperature, body.top_p, seed)
+        head = {"id": f"cmpl-{uuid.uuid4().hex[:24]}", "object": "text_completion", "created": int(time.time()),
+                "model": body.model}
+        if body.stream:
+            return sse(self._completion_events(run, head))
+        text, n, reason = await run.collect()
+        return {**head, "choices": [{"text": text, "index": 0, "logprobs": None, "finish_reason": reason}],
+                "usage": {"prompt_tokens": run.prompt_tokens, "completion_tokens": n,
+                          "total_tokens": run.prompt_tokens + n}}
+
+    # --- routing
+
+    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.002)
+    async def _route_batch(self, texts: list[str]) -> list[Route]:
+        classes, probs = await asyncio.to_thread(self.router.predict_proba, texts)
+        routes = []
+        for row in probs:
+            best = int(row.argmax())
+            sure = row[best] > 0 and row[best] >= self.router.unknown_below and classes[best] in self.langs
+            language = classes[best] if sure else "unknown"
+            expert = language if sure else (COMMON if COMMON in self.handles else self._best(classes, row))
+            routes.append(Route(language=language, expert=expert,
+                                probabilities={c: round(float(p), 6) for c, p in zip(classes, row)}))
+        return routes
+
+    def _best(self, classes: list[str], row) -> str:
+        return max(self.langs, key=lambda l: row[classes.index(l)])
+
+    async def _select(self, body: Select, text: str) -> tuple[list[str], list[float], Route | None]:
+        """(experts, weights, route): a forced expert, the routed one, or the top-k mixed."""
+        if body.expert is not None:
+            if body.expert not in self.handles:
+                raise HTTPException(422, f"expert: no expert '{body.expert}'; this app serves {list(self.handles)}")
+            return [body.expert], [1.0], None
+        self._need_router()
+        route = await self._route_batch(text)
+        if body.top_k is None or route.language == "unknown":
+            return [route.expert], [1.0], route
+        if body.top_k > len(self.langs):
+            raise HTTPException(422, f"top_k: at most {len(self.langs)} (the language experts), got {body.top_k}")
+        top = sorted(self.langs, key=lambda l: -route.probabilities.get(l, 0.0))[: body.top_k]
+        mass = sum(route.probabilities[l] for l in top)
+        return top, [route.probabilities[l] / mass for l in top], route
+
+    def _need_router(self) -> None:
+        if self.router is None:
+            raise HTTPException(422, "this MoE has no router artifact: force an expert with 'expert' "
+                                     f"(one of {list(self.handles)}) or train one with `mome router`")
+
+    # --- tokens and limits
+
+    def _check_chars(self, text: str) -> None:
+        if len(text) > self.limits.max_prompt_chars:
+            raise HTTPException(422, f"prompt: {len(text):,} characters is over the limit of "
+                                     f"{self.limits.max_prompt_chars:,} (serve.limits.max_prompt_chars)")
+
+    def _encode(self, text: str) -> list[int]:
+        """[eos] + the prompt's tokens: a document starts after eos, as in training."""
+        self._check_chars(text)
+        ids = [self.eos] + self.tok.backend_tokenizer.encode(text, add_special_tokens=False).ids
+        if len(ids) - 1 > self.limits.max_prompt_tokens:
+            raise HTTPException(422, f"prompt: {len(ids) - 1} tokens is over the limit of "
+                                     f"{self.limits.max_prompt_tokens} (serve.limits.max_prompt_tokens)")
+        return ids
+
+    def _check_fits(self, experts: list[str], prompt: int, new: int) -> None:
+        context = min(self.n_positions[e] for e in experts)
+        if prompt + new > context:
+            what = f"a prompt of {prompt - 1} tokens" + (f" + max_new_tokens {new}" if new else "")
+            raise HTTPException(422, f"{what} does not fit the context of expert(s) {experts}: {context} tokens "
+                                     f"including one start token; shorten the prompt" + (" or ask for fewer "
+                                     "tokens" if new else ""))
+
+    # --- generation
+
+    async def _start(self, select: Select, text: str, max_new: int, temperature: float, top_p: float,
+                     seed: int) -> Generation:
+        if max_new > self.limits.max_new_tokens:
+            raise HTTPException(422, f"max_new_tokens: {max_new} is over the limit of {self.limits.max_new_tokens} "
+                                     f"(serve.limits.max_new_tokens)")
+        ids = self._encode(text)
+        experts, weights, route = await self._select(select, text)
+        self._check_fits(experts, len(ids), max_new)
+        req = GenRequest(ids, max_new, temperature, top_p, seed)
+        if len(experts) == 1:
+            tokens = self.handles[experts[0]].options(stream=True).generate.remote(req)
+        else:
+            tokens = self._mixed_tokens(experts, weights, req)
+        return Generation(experts, weights, route, len(ids) - 1, tokens, self.tok, self.eos)
+
+    async def _mixed_tokens(self, experts: list[str], weights: list[float], req: GenRequest) -> AsyncIterator[int]:
+        """Top-k mixing: each step, the experts' next-token distributions weighted by the router, sampled here."""
+        gen, ids, logw = torch.Generator().manual_seed(req.seed), list(req.ids), torch.tensor(weights).log()
+        for _ in range(req.max_new_tokens):
+            dists = await asyncio.gather(*[self.handles[e].next_logprobs.remote(ids) for e in experts])
+            mixed = torch.logsumexp(torch.stack(dists) + logw[:, None], 0)
+            tok = int(sample_next(mixed[None], req.temperature, req.top_p, gen)[0])
+            ids.append(tok)
+            yield tok
+            if tok == self.eos:
+                return
+
+    async def _generate_events(self, run: Generation) -> AsyncIterator[dict]:
+        yield {"experts": run.experts, "weights": run.weights, "route": run.route.model_dump() if run.route else None}
+        async for delta in run.deltas():
+            yield {"text": delta}
+        yield {"finish_reason": run.finish_reason, "completion_tokens": run.n, "prompt_tokens": run.prompt_tokens}
+
+    async def _completion_events(self, run: Generation, head: dict) -> AsyncIterator[dict]:
+        async for delta in run.deltas():
+            yield {**head, "choices": [{"text": delta, "index": 0, "logprobs": None, "finish_reason": None}]}
+        yield {**head, "choices": [{"text": "", "index": 0, "logprobs": None, "finish_reason": run.finish_reason}]}
+
+
+class Generation:
+    """One request's token stream, decoded into text as it arrives (never splitting a UTF-8 character)."""
+
+    def __init__(self, experts, weights, route, prompt_tokens: int, tokens, tok, eos: int):
+        self.experts, self.weights, self.route, self.prompt_tokens = experts, weights, route, prompt_tokens
+        self.tokens, self.tok, self.eos = tokens, tok, eos
+        self.ids: list[int] = []
+        self.finish_reason = "length"
+
+    @property
+    def n(self) -> int:
+        return len(self.ids)
+
+    async def deltas(self) -> AsyncIterator[str]:
+        shown = ""
+        async for t in self.tokens:
+            if t == self.eos:
+                self.finish_reason = "stop"
+                break
+            self.ids.append(t)
+            text = self.tok.decode(self.ids)
+            if not text.endswith("\ufffd") and len(text) > len(shown):  # a character still incomplete: wait
+                yield text[len(shown):]
+                shown = text
+        text = self.tok.decode(self.ids)
+        if len(text) > len(shown):
+            yield text[len(shown):]
+
+    async def collect(self) -> tuple[str, int, str]:
+        text = "".join([d async for d in self.deltas()])
+        return text, self.n, self.finish_reason
+
+
+def sse(events: AsyncIterator[dict]) -> StreamingResponse:
+    """Server-sent events: `data: {json}` per event, then `data: [DONE]`."""
+
+    async def body():
+        try:
+            async for e in events:
+                yield f"data: {json.dumps(e)}\n\n"
+        except Exception as e:  # the status line is gone: report the failure in the stream
+            yield f"event: error\ndata: {json.dumps({'error': {'message': f'{type(e).__name__}: {e}'}})}\n\n"
+        yield "data: [DONE]\n\n"
+
+    return StreamingResponse(body(), media_type="text/event-stream")
+
+
+# --- the application builder
+
+
+class AppArgs(BaseModel):
+    """`build_app` arguments (`serve run serve.app:build_app run_dir=...` or serve/config.yaml `args:`)."""
+
+    run_dir: str = Field(description="the run directory (holds moe/ple.json, experts/, router/, tokenizer/)")
+    config: str = Field("", description="a preset YAML whose `serve:` section configures the app")
+    overrides: list[str] = Field(default_factory=list, description="config overrides, e.g. serve.teacher=false")
+    models: dict[str, str] = Field(default_factory=dict, description="serve another model dir for an expert")
+
+
+def build_app(args: AppArgs) -> serve.Application:
+    """The router ingress bound to one expert deployment per backend of the run's MoE artifact."""
+    from mome_ray.settings import load_settings
+
+    cfg: ServeConfig = load_settings(args.config or None, args.overrides).serve
+    spec = load_spec(args.run_dir, cfg.artifact, cfg.teacher)
+    unknown = sorted(set(args.models) - set(spec.backends))
+    if unknown:
+        from mome_ray.errors import MomeError
+
+        raise MomeError(f"models: no expert {unknown} in this run; experts: {list(spec.backends)}")
+    dirs = {n: Path(args.models.get(n, d)).resolve() for n, d in spec.backends.items()}
+    handles = {}
+    for name, d in dirs.items():
+        opts = cfg.expert_args(name)
+        user_config = {"model_dir": str(d), "version": file_version(d / "model.safetensors"),
+                       "max_batch_size": opts.max_batch_size, "batch_wait_timeout_s": opts.batch_wait_timeout_s}
+        handles[name] = Expert.options(**opts.options(f"expert-{name}", cfg.access_log), user_config=user_config).bind(
+            name, max(1, round(opts.num_cpus)), user_config)
+    kinds = {n: "teacher" if n == TEACHER else "common" if n == COMMON else "language" for n in dirs}
+    router_version = file_version(spec.router / "router.skops") if spec.router and \
+        (spec.router / "router.skops").is_file() else None
+    gateway = {"langs": spec.langs, "kinds": kinds, "tokenizer": str(spec.tokenizer),
+               "router": str(spec.router) if spec.router else None, "router_version": router_version,
+               "router_batch": cfg.router.max_batch_size, "token": cfg.token(),
+               "limits": dataclasses.asdict(cfg.limits),
+               "n_positions": {n: json.loads((d / "config.json").read_text())["n_positions"] for n, d in dirs.items()}}
+    return Gateway.options(**cfg.router.options("router", cfg.access_log)).bind(handles, gateway)
