@@ -52,43 +52,52 @@ def replica_setup(threads: int) -> None:
 
 @serve.deployment
 class Expert:
-    """One causal LM (a language expert, the common expert or the teacher): batched score and generate."""
+    """One causal LM (a language expert, the common expert or the teacher): batched score and generate.
+
+    The batch queues belong to the instance (`serve.batch` over bound methods): a queue on the class would
+    be shared by every expert living in one process (Serve's local testing mode) and mix their requests.
+    """
 
     def __init__(self, name: str, threads: int, config: dict):
         replica_setup(threads)
         self.name, self.lm = name, None
+        batch = serve.batch(max_batch_size=config["max_batch_size"], batch_wait_timeout_s=config["batch_wait_timeout_s"])
+        self._score, self._next = batch(self._score_rows), batch(self._next_rows)
+        self._generate = batch(self._generate_rows)
         self.reconfigure(config)  # Serve calls it again with the same user_config: a no-op then
 
     def reconfigure(self, config: dict) -> None:
         """Load `config["model_dir"]` unless this version is already loaded; then swap (a hot update)."""
-        self.score.set_max_batch_size(config.get("max_batch_size", 8))
-        self.score.set_batch_wait_timeout_s(config.get("batch_wait_timeout_s", 0.005))
-        self._generate_batch.set_max_batch_size(config.get("max_batch_size", 8))
-        self._generate_batch.set_batch_wait_timeout_s(config.get("batch_wait_timeout_s", 0.005))
-        if self.lm is None or self.lm.version != config.get("version") or str(self.lm.model_dir) != config["model_dir"]:
+        for queue in (self._score, self._next, self._generate):
+            queue.set_max_batch_size(config["max_batch_size"])
+            queue.set_batch_wait_timeout_s(config["batch_wait_timeout_s"])
+        if self.lm is None or self.lm.version != config["version"] or str(self.lm.model_dir) != config["model_dir"]:
             self.lm = ServedLM(config["model_dir"])  # requests already running keep the model they hold
 
     def info(self) -> dict:
         return {"name": self.name, **self.lm.info()}
 
-    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.005)
-    async def score(self, rows: list[list[int]]) -> list[list[float]]:
-        return await asyncio.to_thread(self.lm.score, rows)
+    async def score(self, ids: list[int]) -> list[float]:
+        return await self._score(ids)
 
-    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.005)
-    async def next_logprobs(self, rows: list[list[int]]) -> list[torch.Tensor]:
-        return list(await asyncio.to_thread(self.lm.next_logprobs, rows))
+    async def next_logprobs(self, ids: list[int]) -> torch.Tensor:
+        return await self._next(ids)
 
     async def generate(self, req: GenRequest) -> AsyncIterator[int]:
-        """Streams the request's new token ids (a plain async generator, which Serve streams; the batching
-        wrapper below is not one to Serve's eyes)."""
-        async for token in self._generate_batch(req):
+        """Streams the request's new token ids."""
+        async for token in self._generate(req):
             yield token
 
-    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.005)
-    async def _generate_batch(self, reqs: list[GenRequest]) -> AsyncIterator[list]:
+    async def _score_rows(self, rows: list[list[int]]) -> list[list[float]]:
+        return await asyncio.to_thread(self.lm.score, rows)
+
+    async def _next_rows(self, rows: list[list[int]]) -> list[torch.Tensor]:
+        return list(await asyncio.to_thread(self.lm.next_logprobs, rows))
+
+    async def _generate_rows(self, reqs: list[GenRequest]) -> AsyncIterator[list]:
         """Per step, each request's next token id (StopIteration ends that request's stream)."""
-        steps = self.lm.generate(reqs)
+        lm = self.lm  # the whole batch runs on one version, whatever reconfigure does meanwhile
+        steps = lm.generate(reqs)
         while (out := await asyncio.to_thread(next, steps, None)) is not None:
             yield [StopIteration if t is None else t for t in out]
 
@@ -124,7 +133,7 @@ class Gateway:
                 raise ValueError(f"the router has no class for expert(s) {missing}; retrain it on every language")
             self.router_info = {"classes": self.router.classes, "unknown_below": self.router.unknown_below,
                                 "version": spec["router_version"]}
-        self._route_batch.set_max_batch_size(spec["router_batch"])
+        self._route_batch = serve.batch(max_batch_size=spec["router_batch"], batch_wait_timeout_s=0.002)(self._route_rows)
         self.token = spec["token"]
 
     def __serve_build_asgi_app__(self):
@@ -189,8 +198,7 @@ class Gateway:
 
     # --- routing
 
-    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.002)
-    async def _route_batch(self, texts: list[str]) -> list[Route]:
+    async def _route_rows(self, texts: list[str]) -> list[Route]:
         classes, probs = await asyncio.to_thread(self.router.predict_proba, texts)
         routes = []
         for row in probs:

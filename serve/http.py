@@ -46,9 +46,19 @@ def describe_validation(errors: list[dict]) -> str:
             continue
         loc = ".".join(str(p) for p in e.get("loc", ()) if p != "body") or "body"
         msg = e.get("msg", "invalid").removeprefix("Value error, ")
-        got = f" (got {json.dumps(e['input'])[:80]})" if "input" in e and e.get("type") != "missing" else ""
+        got = f" (got {_shown(e['input'])})" if "input" in e and e.get("type") != "missing" else ""
         parts.append(f"{loc}: {msg}{got}")
     return "; ".join(parts)
+
+
+def _shown(value) -> str:
+    """A short JSON-ish rendering of an offending input (bytes as text), never an exception."""
+    if isinstance(value, bytes):
+        value = value.decode("utf-8", "replace")
+    try:
+        return json.dumps(value)[:80]
+    except (TypeError, ValueError):
+        return repr(value)[:80]
 
 
 def install_error_handlers(app: FastAPI) -> None:

@@ -1,0 +1,299 @@
+"""Serving: the served LM's batching invariants, the app logic in Serve's local testing mode, and one real
+HTTP session on loopback (every endpoint, every validation error, streaming, auth, a hot update).
+
+The served run is the tiny tokenizer + a router trained on the in-test corpus + small untrained GPT-2
+experts (serving does not care how well they were trained) + a teacher, with moe/ple.json as `mome moe`
+writes it.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import threading
+from pathlib import Path
+
+import pytest
+import requests
+import torch
+
+from mome_ray import stages
+from mome_ray.errors import MomeError
+from mome_ray.models import ModelConfig, build_gpt2
+from mome_ray.serving import GenRequest, ServedLM, load_spec
+from mome_ray.settings import load_settings
+from mome_ray.tokenizer import load_tokenizer
+from tests.conftest import ROOT, _free_port, copy_run, tiny_overrides
+
+LANGS = ["en", "fr", "de", "py"]
+TOKEN = "test-token"
+PROMPTS = {"en": "The river runs through the old town", "fr": "La rivière traverse la vieille ville",
+           "de": "Der Fluss fließt durch die alte Stadt", "py": "def f(x):\n    return x + 1\n"}
+
+
+def save_lm(path: Path, tok, seed: int, n_layer: int = 1) -> Path:
+    torch.manual_seed(seed)
+    model = build_gpt2(ModelConfig(n_layer=n_layer, n_embd=32, n_head=2, n_positions=64), len(tok),
+                       tok.eos_token_id, tok.pad_token_id)
+    model.save_pretrained(str(path))  # safetensors
+    return path
+
+
+@pytest.fixture(scope="module")
+def served_run(tiny_tokenized, corpus_dir, tmp_path_factory) -> Path:
+    run_dir = copy_run(tiny_tokenized.run_dir, tmp_path_factory.mktemp("served"))
+    cfg = load_settings(str(ROOT / "configs/tiny.yaml"), tiny_overrides(run_dir, corpus_dir))
+    stages.router(cfg, log=lambda *a: None)
+    tok = load_tokenizer(run_dir / "tokenizer")
+    for i, lang in enumerate(LANGS):
+        save_lm(run_dir / "experts" / lang, tok, seed=i)
+    save_lm(run_dir / "teacher", tok, seed=10, n_layer=2)
+    save_lm(run_dir / "retrained-fr", tok, seed=99)  # a "new version" of the fr expert (hot update)
+    (run_dir / "moe").mkdir()
+    (run_dir / "moe" / "ple.json").write_text(json.dumps({"experts": {l: f"experts/{l}" for l in LANGS},
+                                                          "router": "router"}))
+    return run_dir
+
+
+# --- the served LM: batching must not change any answer
+
+
+def test_batched_cached_generation_equals_each_request_alone_and_a_full_recompute(served_run):
+    lm = ServedLM(served_run / "experts" / "en")
+    reqs = [GenRequest([0, 5, 9, 13, 2], 12, temperature=0.0), GenRequest([0, 7], 9, temperature=0.9, seed=3),
+            GenRequest([0, 3, 4], 6, temperature=1.2, top_p=0.8, seed=5)]
+    together = list(lm.generate(reqs))
+    for i, r in enumerate(reqs):
+        alone = [step[0] for step in lm.generate([r])]
+        mine = [step[i] for step in together][: len(alone)]
+        assert mine == alone and all(t is None for t in [s[i] for s in together][len(alone):])
+    ids = torch.tensor([reqs[0].ids])
+    with torch.no_grad():  # greedy without a KV cache, one full forward per token
+        for _ in range(12):
+            ids = torch.cat([ids, lm.model(ids).logits[:, -1].argmax(-1, keepdim=True)], 1)
+    assert [s[0] for s in together] == ids[0, 5:].tolist()
+
+
+def test_scores_are_the_models_log_probabilities_whatever_the_padding(served_run):
+    lm = ServedLM(served_run / "experts" / "fr")
+    rows = [[0, 11, 12, 13, 14, 15], [0, 21, 22]]
+    batched = lm.score(rows)
+    for row, got in zip(rows, batched):
+        with torch.no_grad():
+            logp = torch.log_softmax(lm.model(torch.tensor([row])).logits[0, :-1], -1)
+        want = logp.gather(-1, torch.tensor(row[1:])[:, None]).squeeze(-1)
+        assert len(got) == len(row) - 1 and torch.allclose(torch.tensor(got), want, atol=1e-5)
+    with pytest.raises(MomeError, match="does not fit"):
+        list(lm.generate([GenRequest([0] * 60, 10)]))
+
+
+def test_only_safetensors_models_are_served(served_run, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(served_run, run, symlinks=True)
+    (run / "experts" / "de" / "model.safetensors").unlink()
+    (run / "experts" / "de" / "pytorch_model.bin").write_bytes(b"a pickle could run code")
+    with pytest.raises(MomeError, match="expert 'de'.*only safetensors"):
+        load_spec(run)
+    with pytest.raises(MomeError, match="no MoE artifact.*mome moe"):
+        load_spec(tmp_path / "elsewhere")
+    (run / "moe" / "ple.json").write_text("{not json")
+    with pytest.raises(MomeError, match="not a valid MoE artifact"):
+        load_spec(run)
+
+
+def test_request_models_and_error_messages():
+    from pydantic import ValidationError
+
+    from serve.api import CompletionRequest, GenerateRequest, ScoreRequest
+    from serve.http import describe_validation
+
+    for bad in ({"prompt": ""}, {"prompt": "x", "top_p": 0}, {"prompt": "x", "temperature": -1},
+                {"prompt": "x", "max_new_tokens": 0}, {"prompt": "x", "seed": -1}, {"prompt": 3},
+                {"prompt": "x", "expert": "fr", "top_k": 2}, {"prompt": "x", "surprise": 1}):
+        with pytest.raises(ValidationError) as e:
+            GenerateRequest(**bad)
+        assert describe_validation(e.value.errors())
+    with pytest.raises(ValidationError) as e:
+        ScoreRequest(prompt="x", top_k=0)
+    assert describe_validation(e.value.errors()) == "top_k: Input should be greater than or equal to 1 (got 0)"
+    with pytest.raises(ValidationError, match="exactly one"):
+        CompletionRequest(prompt=["a", "b"])
+    assert CompletionRequest(prompt=["hi"], logprobs=3, user="u").text == "hi"  # OpenAI extras are ignored
+
+
+# --- the app logic, in-process (Serve's local testing mode: no cluster, no HTTP)
+
+
+@pytest.fixture(scope="module")
+def local_app(served_run):
+    from ray import serve
+    from ray.serve import batching
+
+    # Ray 2.60's local testing mode has no replica context, which @serve.batch asks for to print a warning.
+    original = batching._BatchQueue._warn_if_max_batch_size_exceeds_max_ongoing_requests
+    batching._BatchQueue._warn_if_max_batch_size_exceeds_max_ongoing_requests = lambda self: None
+    from serve.app import AppArgs, build_app
+
+    yield serve.run(build_app(AppArgs(run_dir=str(served_run))), _local_testing_mode=True)
+    batching._BatchQueue._warn_if_max_batch_size_exceeds_max_ongoing_requests = original
+
+
+def test_local_app_routes_scores_mixes_and_generates(local_app):
+    from fastapi import HTTPException
+
+    from serve.api import GenerateRequest, RouteRequest, ScoreRequest
+
+    routes = local_app.route.remote(RouteRequest(prompt=list(PROMPTS.values()) + ["   "])).result().results
+    assert [r.language for r in routes] == LANGS + ["unknown"]
+    assert all(abs(sum(r.probabilities.values()) - 1) < 1e-4 for r in routes[:4])
+    assert routes[4].expert in LANGS  # no common expert in this MoE: the most probable one
+
+    routed = local_app.score.remote(ScoreRequest(prompt=PROMPTS["de"])).result()
+    forced = local_app.score.remote(ScoreRequest(prompt=PROMPTS["de"], expert="de")).result()
+    assert routed.experts == ["de"] and routed.logprobs == forced.logprobs and forced.route is None
+    mixed = local_app.score.remote(ScoreRequest(prompt=PROMPTS["de"], top_k=2)).result()
+    assert len(mixed.experts) == 2 and abs(sum(mixed.weights) - 1) < 1e-6 and mixed.experts[0] == "de"
+    assert len(mixed.logprobs) == len(mixed.tokens) == len(routed.tokens)
+
+    gen = lambda **kw: local_app.generate.remote(GenerateRequest(prompt=PROMPTS["py"], **kw)).result()
+    a, b = gen(max_new_tokens=8, seed=4), gen(max_new_tokens=8, seed=4)
+    assert a.text == b.text and a.experts == ["py"] and a.completion_tokens + (a.finish_reason == "stop") >= 1
+    assert gen(max_new_tokens=5, temperature=0, expert="teacher").experts == ["teacher"]
+    assert gen(max_new_tokens=4, top_k=2, seed=1).text == gen(max_new_tokens=4, top_k=2, seed=1).text
+    with pytest.raises(HTTPException) as e:
+        local_app.score.remote(ScoreRequest(prompt="x", expert="klingon")).result()
+    assert e.value.status_code == 422 and "no expert 'klingon'" in e.value.detail
+    experts = local_app.experts.remote().result().experts
+    assert [(x.name, x.kind) for x in experts] == [(l, "language") for l in LANGS] + [("teacher", "teacher")]
+
+
+# --- one real HTTP session on loopback
+
+
+@pytest.fixture(scope="module")
+def http_app(ray_head, served_run):
+    from ray import serve
+
+    from serve.app import AppArgs, build_app
+
+    port = _free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    args = AppArgs(run_dir=str(served_run), overrides=[f"serve.auth_token={TOKEN}", "serve.limits.max_new_tokens=32",
+                                                       "serve.limits.max_body_bytes=20000"])
+    serve.run(build_app(args), name="mome", route_prefix="/")
+    session = requests.Session()
+    session.headers["Authorization"] = f"Bearer {TOKEN}"
+    try:
+        yield f"http://127.0.0.1:{port}", session, args
+    finally:
+        serve.shutdown()
+
+
+def sse_events(response) -> list:
+    assert response.headers["content-type"].startswith("text/event-stream")
+    data = [line[6:] for line in response.text.splitlines() if line.startswith("data: ")]
+    assert data[-1] == "[DONE]"
+    return [json.loads(d) for d in data[:-1]]
+
+
+def test_http_every_endpoint(http_app):
+    url, s, _ = http_app
+    assert requests.get(f"{url}/healthz").json()["status"] == "ok"  # open: no token needed
+    assert "/v1/generate" in requests.get(f"{url}/openapi.json").json()["paths"]
+    assert requests.get(f"{url}/docs").status_code == 200
+    experts = s.get(f"{url}/v1/experts").json()
+    assert [e["name"] for e in experts["experts"]] == LANGS + ["teacher"]
+    assert all(len(e["version"]) == 12 and e["params"] > 0 for e in experts["experts"])
+    assert experts["router"]["classes"] == sorted(LANGS)
+
+    r = s.post(f"{url}/v1/route", json={"prompt": PROMPTS["fr"]}).json()
+    assert r["results"][0]["language"] == "fr"
+    score = s.post(f"{url}/v1/score", json={"prompt": PROMPTS["en"]}).json()
+    assert score["experts"] == ["en"] and score["perplexity"] > 1 and len(score["logprobs"]) == len(score["tokens"])
+
+    body = {"prompt": PROMPTS["py"], "max_new_tokens": 10, "temperature": 0.8, "seed": 7}
+    first, again = (s.post(f"{url}/v1/generate", json=body).json() for _ in range(2))
+    assert first["text"] == again["text"] and first["experts"] == ["py"]
+    events = sse_events(s.post(f"{url}/v1/generate", json={**body, "stream": True}))
+    assert events[0]["experts"] == ["py"] and events[-1]["finish_reason"] in ("stop", "length")
+    assert "".join(e.get("text", "") for e in events[1:-1]) == first["text"]  # the same seed, streamed
+
+    done = s.post(f"{url}/v1/completions", json={"model": "mome", "prompt": PROMPTS["de"], "max_tokens": 6,
+                                                 "seed": 1}).json()
+    assert done["object"] == "text_completion" and done["usage"]["completion_tokens"] <= 6
+    assert done["choices"][0]["finish_reason"] in ("stop", "length")
+    chunks = sse_events(s.post(f"{url}/v1/completions", json={"model": "teacher", "prompt": "Hello",
+                                                              "max_tokens": 5, "stream": True, "seed": 2}))
+    assert chunks[-1]["choices"][0]["finish_reason"] in ("stop", "length") and chunks[0]["model"] == "teacher"
+
+
+@pytest.mark.parametrize("path,body,status,message", [
+    ("/v1/generate", b'{"prompt": ', 422, "not valid JSON"),
+    ("/v1/generate", b"prompt=hello", 422, "body: Input should be a valid dictionary"),
+    ("/v1/generate", {"prompt": ""}, 422, "prompt: String should have at least 1 character"),
+    ("/v1/generate", {"prompt": 5}, 422, "prompt: Input should be a valid string"),
+    ("/v1/generate", {}, 422, "prompt: Field required"),
+    ("/v1/generate", {"prompt": "x", "max_new_tokens": "many"}, 422, "max_new_tokens: Input should be a valid integer"),
+    ("/v1/generate", {"prompt": "x", "max_new_tokens": 33}, 422, "over the limit of 32"),
+    ("/v1/generate", {"prompt": "x", "top_p": 1.5}, 422, "top_p: Input should be less than or equal to 1"),
+    ("/v1/generate", {"prompt": "x", "expert": "klingon"}, 422, "no expert 'klingon'"),
+    ("/v1/generate", {"prompt": "x", "expert": "fr", "top_k": 2}, 422, "either 'expert' or 'top_k'"),
+    ("/v1/generate", {"prompt": "x", "top_k": 5}, 422, "top_k: at most 4"),
+    ("/v1/generate", {"prompt": "word " * 60, "max_new_tokens": 32}, 422, "does not fit the context"),
+    ("/v1/generate", {"prompt": "x", "colour": "blue"}, 422, "colour: Extra inputs are not permitted"),
+    ("/v1/score", {"prompt": "x" * 9000}, 422, "over the limit of 8,000"),
+    ("/v1/score", {"prompt": "y" * 30000}, 413, "over the limit of 20,000 bytes"),
+    ("/v1/route", {"prompt": ["a"] * 65}, 422, "give 1 to 64 texts"),
+    ("/v1/route", {"prompt": []}, 422, "give 1 to 64 texts"),
+    ("/v1/completions", {"prompt": "x", "n": 3}, 422, "n: Input should be less than or equal to 1"),
+    ("/v1/completions", {"prompt": "x", "model": "gpt-5"}, 422, "no expert 'gpt-5'"),
+    ("/v1/nothing", {"prompt": "x"}, 404, "Not Found"),
+])
+def test_http_client_mistakes_are_4xx_with_a_message(http_app, path, body, status, message):
+    url, s, _ = http_app
+    r = s.post(url + path, data=body, headers={"Content-Type": "application/json" if body.startswith(b"{") else
+                                               "application/x-www-form-urlencoded"}) \
+        if isinstance(body, bytes) else s.post(url + path, json=body)
+    assert r.status_code == status, r.text
+    assert message in r.json()["error"]["message"]
+
+
+def test_http_needs_the_token(http_app):
+    url, _, _ = http_app
+    for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": TOKEN}):
+        r = requests.post(f"{url}/v1/route", json={"prompt": "x"}, headers=headers)
+        assert r.status_code == 401 and "bearer token" in r.json()["error"]["message"]
+
+
+def test_hot_update_swaps_one_expert_without_dropping_requests(http_app, served_run):
+    from ray import serve
+
+    from serve.app import build_app
+
+    url, s, args = http_app
+    before = {e["name"]: e["version"] for e in s.get(f"{url}/v1/experts").json()["experts"]}
+    statuses, stop = [], threading.Event()
+
+    def load():
+        with requests.Session() as c:
+            c.headers["Authorization"] = f"Bearer {TOKEN}"
+            while not stop.is_set():
+                statuses.append(c.post(f"{url}/v1/score", json={"prompt": PROMPTS["fr"], "expert": "fr"}).status_code)
+
+    clients = [threading.Thread(target=load) for _ in range(3)]
+    for t in clients:
+        t.start()
+    try:
+        serve.run(build_app(args.model_copy(update={"models": {"fr": str(served_run / "retrained-fr")}})),
+                  name="mome", route_prefix="/")
+        after = {e["name"]: e["version"] for e in s.get(f"{url}/v1/experts").json()["experts"]}
+        n_during = len(statuses)
+        while len(statuses) < n_during + 6:  # a few requests on the new version too
+            threading.Event().wait(0.05)
+    finally:
+        stop.set()
+        for t in clients:
+            t.join()
+    assert after["fr"] != before["fr"] and {k: v for k, v in after.items() if k != "fr"} == \
+        {k: v for k, v in before.items() if k != "fr"}
+    assert len(statuses) > 6 and set(statuses) == {200}, statuses
