@@ -358,10 +358,12 @@ class AppArgs(BaseModel):
     models: dict[str, str] = Field(default_factory=dict, description="serve another model dir for an expert")
 
 
-def build_app(args: AppArgs) -> serve.Application:
+def build_app(args: AppArgs | dict) -> serve.Application:
     """The router ingress bound to one expert deployment per backend of the run's MoE artifact."""
     from mome_ray.settings import load_settings
 
+    # Serve passes a dict here: it reads the annotation, a string under `from __future__ import annotations`.
+    args = args if isinstance(args, AppArgs) else AppArgs(**args)
     cfg: ServeConfig = load_settings(args.config or None, args.overrides).serve
     spec = load_spec(args.run_dir, cfg.artifact, cfg.teacher)
     unknown = sorted(set(args.models) - set(spec.backends))

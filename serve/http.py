@@ -1,5 +1,7 @@
 """HTTP plumbing of the ingress: one error shape for every 4xx, a body-size limit and bearer-token auth.
 
+Every POST body is read as JSON, whatever its Content-Type says (`curl -d '{...}'` sends form data's).
+
 Every error answers `{"error": {"message": ..., "type": ..., "code": status}}` (OpenAI's shape), with a
 message that says what was wrong: bad JSON, a field of the wrong type or out of its bounds, a missing
 field, an unknown expert, a prompt too long, a body too large, a missing or wrong token.
@@ -93,6 +95,10 @@ class Guard:
             return await error_response(401, "missing or wrong bearer token: send 'Authorization: Bearer <token>' "
                                         "(the token is serve.auth_token or $MOME_SERVE_TOKEN)",
                                         {"WWW-Authenticate": "Bearer"})(scope, receive, send)
+        if scope["method"] == "POST" and headers.get(b"content-type", b"").split(b";")[0] != b"application/json":
+            # Every POST body is JSON: read it as JSON whatever the client said (`curl -d` says form data).
+            scope = {**scope, "headers": [(k, v) for k, v in scope["headers"] if k != b"content-type"]
+                     + [(b"content-type", b"application/json")]}
         declared = headers.get(b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > self.max_body_bytes:
             return await self._too_large(scope, receive, send)

@@ -229,7 +229,7 @@ def test_http_every_endpoint(http_app):
 
 @pytest.mark.parametrize("path,body,status,message", [
     ("/v1/generate", b'{"prompt": ', 422, "not valid JSON"),
-    ("/v1/generate", b"prompt=hello", 422, "body: Input should be a valid dictionary"),
+    ("/v1/generate", b"prompt=hello", 422, "not valid JSON"),
     ("/v1/generate", {"prompt": ""}, 422, "prompt: String should have at least 1 character"),
     ("/v1/generate", {"prompt": 5}, 422, "prompt: Input should be a valid string"),
     ("/v1/generate", {}, 422, "prompt: Field required"),
@@ -297,3 +297,18 @@ def test_hot_update_swaps_one_expert_without_dropping_requests(http_app, served_
     assert after["fr"] != before["fr"] and {k: v for k, v in after.items() if k != "fr"} == \
         {k: v for k, v in before.items() if k != "fr"}
     assert len(statuses) > 6 and set(statuses) == {200}, statuses
+
+
+def test_serve_config_yaml_is_a_valid_deploy_config_for_this_app(served_run):
+    import yaml
+    from ray.serve.schema import ServeDeploySchema
+
+    from serve.app import build_app
+
+    config = ServeDeploySchema.parse_obj(yaml.safe_load((ROOT / "serve" / "config.yaml").read_text()))
+    (app,) = config.applications
+    assert app.import_path == "serve.app:build_app" and config.http_options.host == "127.0.0.1"
+    assert (ROOT / app.args["config"]).is_file()
+    build_app({**app.args, "run_dir": str(served_run), "config": str(ROOT / app.args["config"])})  # a dict, as Serve
+    served = {"router"} | {f"expert-{name}" for name in load_spec(served_run).backends}
+    assert {d.name for d in app.deployments} <= served  # an override for a missing deployment fails the deploy
