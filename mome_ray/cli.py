@@ -78,6 +78,8 @@ def _parser() -> argparse.ArgumentParser:
     sv.add_argument("--config", "-c", help="a preset whose `serve:` section configures the app")
     sv.add_argument("--host", help="bind address (default serve.host: 127.0.0.1)")
     sv.add_argument("--port", type=int, help="port (default serve.port: 8000)")
+    sv.add_argument("--deploy-config", metavar="FILE", help="write a `serve deploy` config pinned to the run's "
+                    "current weights to FILE and exit (deploy it again after a re-distil: a hot update)")
     sv.add_argument("overrides", nargs="*", metavar="key.path=value", help="config overrides, e.g. serve.teacher=false")
     pl = stage("pipeline", "run every stage in order, skipping the ones already up to date")
     pl.add_argument("--force", action="store_true", help="re-run every stage")
@@ -96,9 +98,13 @@ def main(argv: list[str] | None = None) -> int:
             print(f"report: {write_report(args.run_dir)}")
             return 0
         if args.cmd == "serve":  # the app lives in serve/ (how models are exposed), not in the library
-            from serve.launch import serve_forever
+            from serve.launch import serve_forever, write_deploy_config
 
-            serve_forever(args.run_dir, args.config, args.overrides, args.host, args.port)
+            if args.deploy_config:
+                write_deploy_config(args.deploy_config, args.run_dir, args.config, args.overrides, args.host,
+                                    args.port)
+            else:
+                serve_forever(args.run_dir, args.config, args.overrides, args.host, args.port)
             return 0
         cfg = load_settings(args.config, args.overrides)
         if args.cmd == "corpus":

@@ -9,10 +9,11 @@ Deployments (names as in serve/config.yaml): `router` (the ingress: tokenizer + 
 baseline). The ingress awaits its expert handles; it never blocks on them. Routing texts in the ingress
 and scoring / generating in each expert are batched across concurrent requests (`@serve.batch`).
 
-An expert loads its model in `reconfigure` from its `user_config` ({model_dir, version, batch options}):
-redeploying with a new version of one expert (after `mome add-expert` or a re-distil; the builder puts
-the weights' sha256 in the version) swaps that expert's model in place. In-flight requests finish on
-the model they started with; nothing is dropped.
+An expert loads its model in `reconfigure` from its `user_config` ({model_dir, version, batch options}).
+A deploy config whose only change is one expert's user_config (`mome serve RUN_DIR --deploy-config F`
+after a re-distil: the version is the weights' sha256) makes Serve reconfigure that expert in place: no
+replica restarts, requests in flight finish on the model they started with, nothing is dropped.
+(Changing the app's `args`, or `serve.run` from Python, replaces every replica instead.)
 """
 
 from __future__ import annotations
@@ -36,7 +37,9 @@ from ray.serve.handle import DeploymentHandle
 
 from mome_ray.jeet import COMMON
 from mome_ray.moe import sample_next
-from mome_ray.serving import TEACHER, GenRequest, ServeConfig, ServedLM, file_version, load_spec
+from mome_ray.errors import MomeError
+from mome_ray.serving import (TEACHER, GenRequest, ServeConfig, ServedLM, ServeSpec, check_model_dir, file_version,
+                               load_spec)
 from serve.api import (CompletionRequest, ExpertInfo, ExpertsResponse, GenerateRequest, GenerateResponse, Route,
                        RouteRequest, RouteResponse, ScoreRequest, ScoreResponse, Select)
 from serve.http import http_app
@@ -358,33 +361,42 @@ class AppArgs(BaseModel):
     models: dict[str, str] = Field(default_factory=dict, description="serve another model dir for an expert")
 
 
-def build_app(args: AppArgs | dict) -> serve.Application:
-    """The router ingress bound to one expert deployment per backend of the run's MoE artifact."""
+def resolve(args: AppArgs) -> tuple[ServeConfig, ServeSpec, dict[str, dict]]:
+    """The app's config, the served run, and each expert's user_config: its model dir, the weights' sha256
+    (a new version swaps the expert in place: `Expert.reconfigure`) and its batching options."""
     from mome_ray.settings import load_settings
 
-    # Serve passes a dict here: it reads the annotation, a string under `from __future__ import annotations`.
-    args = args if isinstance(args, AppArgs) else AppArgs(**args)
     cfg: ServeConfig = load_settings(args.config or None, args.overrides).serve
     spec = load_spec(args.run_dir, cfg.artifact, cfg.teacher)
     unknown = sorted(set(args.models) - set(spec.backends))
     if unknown:
-        from mome_ray.errors import MomeError
-
         raise MomeError(f"models: no expert {unknown} in this run; experts: {list(spec.backends)}")
-    dirs = {n: Path(args.models.get(n, d)).resolve() for n, d in spec.backends.items()}
+    experts = {}
+    for name, d in spec.backends.items():
+        d, opts = Path(args.models.get(name, d)).resolve(), cfg.expert_args(name)
+        check_model_dir(name, d)
+        experts[name] = {"model_dir": str(d), "version": file_version(d / "model.safetensors"),
+                         "max_batch_size": opts.max_batch_size, "batch_wait_timeout_s": opts.batch_wait_timeout_s}
+    return cfg, spec, experts
+
+
+def build_app(args: AppArgs | dict) -> serve.Application:
+    """The router ingress bound to one expert deployment per backend of the run's MoE artifact."""
+    # Serve passes a dict here: it reads the annotation, a string under `from __future__ import annotations`.
+    args = args if isinstance(args, AppArgs) else AppArgs(**args)
+    cfg, spec, experts = resolve(args)
     handles = {}
-    for name, d in dirs.items():
+    for name, user_config in experts.items():
         opts = cfg.expert_args(name)
-        user_config = {"model_dir": str(d), "version": file_version(d / "model.safetensors"),
-                       "max_batch_size": opts.max_batch_size, "batch_wait_timeout_s": opts.batch_wait_timeout_s}
         handles[name] = Expert.options(**opts.options(f"expert-{name}", cfg.access_log), user_config=user_config).bind(
             name, max(1, round(opts.num_cpus)), user_config)
-    kinds = {n: "teacher" if n == TEACHER else "common" if n == COMMON else "language" for n in dirs}
+    kinds = {n: "teacher" if n == TEACHER else "common" if n == COMMON else "language" for n in experts}
     router_version = file_version(spec.router / "router.skops") if spec.router and \
         (spec.router / "router.skops").is_file() else None
     gateway = {"langs": spec.langs, "kinds": kinds, "tokenizer": str(spec.tokenizer),
                "router": str(spec.router) if spec.router else None, "router_version": router_version,
                "router_batch": cfg.router.max_batch_size, "token": cfg.token(),
                "limits": dataclasses.asdict(cfg.limits),
-               "n_positions": {n: json.loads((d / "config.json").read_text())["n_positions"] for n, d in dirs.items()}}
+               "n_positions": {n: json.loads((Path(u["model_dir"]) / "config.json").read_text())["n_positions"]
+                               for n, u in experts.items()}}
     return Gateway.options(**cfg.router.options("router", cfg.access_log)).bind(handles, gateway)

@@ -3,12 +3,18 @@
     mome serve runs/small                                      # http://127.0.0.1:8000
     mome serve runs/small --port 8100 serve.teacher=false      # config overrides as in every mome command
     MOME_SERVE_TOKEN=secret mome serve runs/small --host 0.0.0.0   # other hosts: only with a token
+    mome serve runs/small --deploy-config app.yaml && serve deploy app.yaml   # a cluster, hot-updatable
+
+`--deploy-config` writes a `serve deploy` config pinned to the run's current weights: each expert's
+user_config holds its model dir and the weights' sha256. Write and deploy it again after a re-distil:
+only the changed experts' user_config differs, so Serve swaps them in place (`Expert.reconfigure`).
 """
 
 from __future__ import annotations
 
 import ipaddress
 import time
+from pathlib import Path
 
 from mome_ray.errors import MomeError
 
@@ -20,6 +26,31 @@ def is_loopback(host: str) -> bool:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
         return host == "localhost"
+
+
+def deploy_config(run_dir: str, config: str | None, overrides: list[str], host: str | None = None,
+                  port: int | None = None, models: dict[str, str] | None = None) -> dict:
+    """A `serve deploy` config (a dict; YAML on disk) for the run, each expert's user_config pinned."""
+    from mome_ray.settings import load_settings
+    from serve.app import AppArgs, resolve
+
+    serve_cfg = load_settings(config, overrides).serve
+    args = AppArgs(run_dir=str(Path(run_dir).resolve()), config=str(Path(config).resolve()) if config else "",
+                   overrides=list(overrides))
+    _, _, experts = resolve(args.model_copy(update={"models": models or {}}))
+    return {"proxy_location": "HeadOnly",
+            "http_options": {"host": host or serve_cfg.host, "port": port or serve_cfg.port},
+            "applications": [{"name": APP, "route_prefix": "/", "import_path": "serve.app:build_app",
+                              "args": args.model_dump(exclude={"models"}),
+                              "deployments": [{"name": f"expert-{n}", "user_config": u} for n, u in experts.items()]}]}
+
+
+def write_deploy_config(path: str, *args) -> None:
+    import yaml
+
+    Path(path).write_text("# serve deploy " + path + "   (written by mome serve --deploy-config)\n"
+                          + yaml.safe_dump(deploy_config(*args), sort_keys=False))
+    print(f"wrote {path}: serve deploy {path}")
 
 
 def start(run_dir: str, config: str | None, overrides: list[str], host: str | None = None,

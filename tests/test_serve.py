@@ -170,21 +170,39 @@ def test_local_app_routes_scores_mixes_and_generates(local_app):
 # --- one real HTTP session on loopback
 
 
+def wait_until_serving(url: str, timeout: float = 240) -> None:
+    import time
+
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        try:
+            if requests.get(f"{url}/healthz", timeout=5).status_code == 200:
+                return
+        except requests.RequestException:
+            pass
+        time.sleep(1)
+    raise TimeoutError(f"the app did not answer at {url}/healthz within {timeout} s")
+
+
 @pytest.fixture(scope="module")
 def http_app(ray_head, served_run):
+    """The app deployed the way `serve deploy` does (declarative, through the dashboard's REST API)."""
     from ray import serve
+    from ray.dashboard.modules.serve.sdk import ServeSubmissionClient
 
-    from serve.app import AppArgs, build_app
+    from serve.launch import deploy_config
 
     port = _free_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
-    args = AppArgs(run_dir=str(served_run), overrides=[f"serve.auth_token={TOKEN}", "serve.limits.max_new_tokens=32",
-                                                       "serve.limits.max_body_bytes=20000"])
-    serve.run(build_app(args), name="mome", route_prefix="/")
+    overrides = [f"serve.auth_token={TOKEN}", "serve.limits.max_new_tokens=32", "serve.limits.max_body_bytes=20000"]
+    deploy = lambda models=None: ServeSubmissionClient(ray_head["dashboard"]).deploy_applications(
+        deploy_config(str(served_run), None, overrides, "127.0.0.1", port, models))
+    deploy()
+    url = f"http://127.0.0.1:{port}"
+    wait_until_serving(url)
     session = requests.Session()
     session.headers["Authorization"] = f"Bearer {TOKEN}"
     try:
-        yield f"http://127.0.0.1:{port}", session, args
+        yield url, session, deploy
     finally:
         serve.shutdown()
 
@@ -265,12 +283,8 @@ def test_http_needs_the_token(http_app):
         assert r.status_code == 401 and "bearer token" in r.json()["error"]["message"]
 
 
-def test_hot_update_swaps_one_expert_without_dropping_requests(http_app, served_run):
-    from ray import serve
-
-    from serve.app import build_app
-
-    url, s, args = http_app
+def test_hot_update_swaps_one_expert_in_place_without_dropping_requests(http_app, served_run):
+    url, s, deploy = http_app
     before = {e["name"]: e["version"] for e in s.get(f"{url}/v1/experts").json()["experts"]}
     statuses, stop = [], threading.Event()
 
@@ -284,9 +298,12 @@ def test_hot_update_swaps_one_expert_without_dropping_requests(http_app, served_
     for t in clients:
         t.start()
     try:
-        serve.run(build_app(args.model_copy(update={"models": {"fr": str(served_run / "retrained-fr")}})),
-                  name="mome", route_prefix="/")
-        after = {e["name"]: e["version"] for e in s.get(f"{url}/v1/experts").json()["experts"]}
+        deploy({"fr": str(served_run / "retrained-fr")})  # only expert-fr's user_config changes
+        for _ in range(240):
+            after = {e["name"]: e["version"] for e in s.get(f"{url}/v1/experts").json()["experts"]}
+            if after["fr"] != before["fr"]:
+                break
+            threading.Event().wait(0.5)
         n_during = len(statuses)
         while len(statuses) < n_during + 6:  # a few requests on the new version too
             threading.Event().wait(0.05)
