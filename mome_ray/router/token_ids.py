@@ -17,7 +17,6 @@ which splits those out first.
 
 from __future__ import annotations
 
-import json
 from itertools import chain
 
 import regex
@@ -31,10 +30,11 @@ MAX_CACHED = 500_000  # distinct pieces kept (a few tens of MB); past this the c
 
 def check_byte_level_bpe(backend) -> None:
     """Raise unless `backend` (a tokenizers.Tokenizer) tokenizes pieces of GPT2_PATTERN independently."""
-    spec = json.loads(backend.to_str())
-    pre, model = spec.get("pre_tokenizer") or {}, spec.get("model") or {}
-    if (spec.get("normalizer") is not None or pre.get("type") != "ByteLevel" or pre.get("add_prefix_space")
-            or not pre.get("use_regex", True) or model.get("type") != "BPE" or model.get("dropout")):
+    from tokenizers import models, pre_tokenizers
+
+    pre, model = backend.pre_tokenizer, backend.model
+    if (backend.normalizer is not None or not isinstance(pre, pre_tokenizers.ByteLevel) or pre.add_prefix_space
+            or not pre.use_regex or not isinstance(model, models.BPE) or model.dropout):
         raise MomeError("router token features need the project's byte-level BPE tokenizer (no normalizer, "
                         "ByteLevel pre-tokenizer without prefix space, BPE without dropout), as 'mome tokenizer' "
                         "makes; use char_tfidf or hashing features with other tokenizers")
