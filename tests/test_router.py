@@ -34,6 +34,16 @@ CODE = [
 POOLS = {**SENTENCES, "py": CODE}
 
 
+def stdlib_text(n: int = 60) -> list[str]:
+    """Real text without fetching anything: `n` pieces of the stdlib's argparse.py (code, docstrings, comments)."""
+    import argparse
+    from pathlib import Path
+
+    source = Path(argparse.__file__).read_text()
+    step = len(source) // n
+    return [source[i * step : (i + 1) * step] for i in range(n)]
+
+
 def examples(pool_slice: slice, copies: int, seed: int = 0):
     """Texts of 1-3 items of each language's pool (sentences or code snippets), with their labels."""
     rng = random.Random(seed)
@@ -60,23 +70,26 @@ def test_token_features_keep_one_digit_ids():
     from sklearn.feature_extraction.text import TfidfVectorizer
 
     docs = [[1, 2, 3, 45, 678], [7, 8, 9, 45, 0]]
-    assert "1" not in TfidfVectorizer().fit(ids_as_text(docs)).vocabulary_  # the paper code's default pattern drops them
+    assert "1" not in TfidfVectorizer().fit(ids_as_text(docs)).vocabulary_  # the paper code's pattern drops them
     vec = build_features("token_tfidf").fit(docs)
     one_each = vec.transform([[i] for i in (0, 1, 2, 3, 7, 8, 9, 45, 678)])
     assert vec.n_features_ == 9 and (one_each.getnnz(axis=1) == 1).all()
 
 
-@pytest.mark.parametrize("params", [{}, {"ngram_max": 2, "sublinear_tf": False}, {"ngram_max": 3, "min_df": 2, "max_features": 60}])
+@pytest.mark.parametrize("params", [{}, {"ngram_max": 2, "sublinear_tf": False},
+                                    {"ngram_max": 3, "min_df": 2, "max_features": 60}])
 def test_token_ngram_tfidf_equals_tfidf_vectorizer_on_id_strings(params, tok):
     """Parity with the naive reference: sklearn's TfidfVectorizer over the ids written as text."""
     from sklearn.feature_extraction.text import TfidfVectorizer
 
     p = {**FEATURES["token_tfidf"], **params}
-    reference = TfidfVectorizer(token_pattern=r"\S+", lowercase=False, ngram_range=(1, p["ngram_max"]), min_df=p["min_df"],
-                                max_features=p["max_features"] or None, sublinear_tf=p["sublinear_tf"], dtype=np.float32)
+    reference = TfidfVectorizer(token_pattern=r"\S+", lowercase=False, ngram_range=(1, p["ngram_max"]),
+                                min_df=p["min_df"], max_features=p["max_features"] or None,
+                                sublinear_tf=p["sublinear_tf"], dtype=np.float32)
     encoder = PretokenCache(tok)
     fit_ids = encoder.encode(examples(slice(0, 9), copies=20)[0])
-    ids = encoder.encode(examples(slice(6, 12), copies=5, seed=4)[0]) + [[], [tok.vocab_size - 1, 3, 3]]  # unseen ids
+    texts = examples(slice(6, 12), copies=5, seed=4)[0] + stdlib_text()  # argparse.py: ids never seen in fit
+    ids = encoder.encode(texts) + [[], [tok.vocab_size - 1, 3]]
     expected = reference.fit(ids_as_text(fit_ids)).transform(ids_as_text(ids))
     got = TokenNgramTfidf(**params).fit(fit_ids).transform(ids)
     assert got.dtype == expected.dtype == np.float32 and got.shape == expected.shape
@@ -88,7 +101,7 @@ def test_pretoken_cache_gives_the_tokenizers_ids(tok, monkeypatch):
     import mome_ray.router.token_ids as token_ids
 
     odd = [chr(c) for c in range(0, 0x3000, 7)] + ["\u00e9", "e\u0301", "\U0001F600", "\u2028", "\u00a0", "\u3000"]
-    texts = [t for pool in POOLS.values() for t in pool] + [
+    texts = [t for pool in POOLS.values() for t in pool] + stdlib_text() + [
         "", "   ", "a  b\n\n\tc   ", "it's 12,5 km -- \"quoted\" ...", "x<|endoftext|>y <|pad|>", "<|endoftext|>",
     ] + [f"a{c}b {c}1 x{c}{c} '{c}s \n{c}  {c}" for c in odd]
     expected = [e.ids for e in tok.backend_tokenizer.encode_batch_fast(texts, add_special_tokens=False)]

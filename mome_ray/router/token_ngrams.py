@@ -36,7 +36,8 @@ class TokenNgramTfidf(TransformerMixin, BaseEstimator):
     """
 
     def __init__(self, ngram_max: int = 1, min_df: int = 1, max_features: int = 0, sublinear_tf: bool = True):
-        self.ngram_max, self.min_df, self.max_features, self.sublinear_tf = ngram_max, min_df, max_features, sublinear_tf
+        self.ngram_max, self.min_df = ngram_max, min_df
+        self.max_features, self.sublinear_tf = max_features, sublinear_tf
 
     def fit(self, X: Sequence[Sequence[int]], y=None):
         """Learn the n-gram vocabulary and the idf weights from id sequences."""
@@ -45,7 +46,8 @@ class TokenNgramTfidf(TransformerMixin, BaseEstimator):
         counter = CountVectorizer(token_pattern=TOKEN_PATTERN, lowercase=False, ngram_range=(1, self.ngram_max),
                                   min_df=self.min_df, max_features=self.max_features or None, dtype=np.float32)
         counter.fit(ids_as_text(X))
-        self.base_ = max(int(i) for term in counter.vocabulary_ for i in term.split()) + 2  # digits: 1 .. largest id + 1
+        # Digits 1 .. largest id + 1; an id above that is in no n-gram of the vocabulary.
+        self.base_ = max(int(i) for term in counter.vocabulary_ for i in term.split()) + 2
         if self.base_ ** self.ngram_max >= 2**63:
             raise MomeError(f"router feature_params ngram_max={self.ngram_max} is too large for int64 n-gram keys "
                             f"with {self.base_ - 1:,} token ids; use ngram_max <= 3")
