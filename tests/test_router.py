@@ -12,6 +12,8 @@ from mome_ray.router import UNKNOWN, RouterConfig, load_router, save_router
 from mome_ray.router.classifiers import CLASSIFIERS, build_classifier
 from mome_ray.router.features import FEATURES, build_features
 from mome_ray.router.model import fit_router
+from mome_ray.router.token_ids import PretokenCache
+from mome_ray.router.token_ngrams import TokenNgramTfidf, ids_as_text
 from mome_ray.tokenizer import TokenizerConfig, train_tokenizer
 from tests.conftest import ROOT, SENTENCES
 
@@ -30,6 +32,16 @@ CODE = [
     "assert isinstance(result, list), result\n",
 ]
 POOLS = {**SENTENCES, "py": CODE}
+
+
+def stdlib_text(n: int = 60) -> list[str]:
+    """Real text without fetching anything: `n` pieces of the stdlib's argparse.py (code, docstrings, comments)."""
+    import argparse
+    from pathlib import Path
+
+    source = Path(argparse.__file__).read_text()
+    step = len(source) // n
+    return [source[i * step : (i + 1) * step] for i in range(n)]
 
 
 def examples(pool_slice: slice, copies: int, seed: int = 0):
@@ -57,10 +69,58 @@ def train():
 def test_token_features_keep_one_digit_ids():
     from sklearn.feature_extraction.text import TfidfVectorizer
 
-    docs = ["1 2 3 45 678", "7 8 9 45 0"]
-    assert "1" not in TfidfVectorizer().fit(docs).vocabulary_  # the paper code's default pattern drops them
-    vocab = build_features("token_tfidf").fit(docs).vocabulary_
-    assert {"0", "1", "2", "3", "7", "8", "9", "45", "678"} == set(vocab)
+    docs = [[1, 2, 3, 45, 678], [7, 8, 9, 45, 0]]
+    assert "1" not in TfidfVectorizer().fit(ids_as_text(docs)).vocabulary_  # the paper code's pattern drops them
+    vec = build_features("token_tfidf").fit(docs)
+    one_each = vec.transform([[i] for i in (0, 1, 2, 3, 7, 8, 9, 45, 678)])
+    assert vec.n_features_ == 9 and (one_each.getnnz(axis=1) == 1).all()
+
+
+@pytest.mark.parametrize("params", [{}, {"ngram_max": 2, "sublinear_tf": False},
+                                    {"ngram_max": 3, "min_df": 2, "max_features": 60}])
+def test_token_ngram_tfidf_equals_tfidf_vectorizer_on_id_strings(params, tok):
+    """Parity with the naive reference: sklearn's TfidfVectorizer over the ids written as text."""
+    from sklearn.feature_extraction.text import TfidfVectorizer
+
+    p = {**FEATURES["token_tfidf"], **params}
+    reference = TfidfVectorizer(token_pattern=r"\S+", lowercase=False, ngram_range=(1, p["ngram_max"]),
+                                min_df=p["min_df"], max_features=p["max_features"] or None,
+                                sublinear_tf=p["sublinear_tf"], dtype=np.float32)
+    encoder = PretokenCache(tok)
+    fit_ids = encoder.encode(examples(slice(0, 9), copies=20)[0])
+    texts = examples(slice(6, 12), copies=5, seed=4)[0] + stdlib_text()  # argparse.py: ids never seen in fit
+    ids = encoder.encode(texts) + [[], [tok.vocab_size - 1, 3]]
+    expected = reference.fit(ids_as_text(fit_ids)).transform(ids_as_text(ids))
+    got = TokenNgramTfidf(**params).fit(fit_ids).transform(ids)
+    assert got.dtype == expected.dtype == np.float32 and got.shape == expected.shape
+    for part in ("indptr", "indices", "data"):  # the same matrix, bit for bit (so the same predictions)
+        assert np.array_equal(getattr(got, part), getattr(expected, part)), part
+
+
+def test_pretoken_cache_gives_the_tokenizers_ids(tok, monkeypatch):
+    import mome_ray.router.token_ids as token_ids
+
+    odd = [chr(c) for c in range(0, 0x3000, 7)] + ["\u00e9", "e\u0301", "\U0001F600", "\u2028", "\u00a0", "\u3000"]
+    texts = [t for pool in POOLS.values() for t in pool] + stdlib_text() + [
+        "", "   ", "a  b\n\n\tc   ", "it's 12,5 km -- \"quoted\" ...", "x<|endoftext|>y <|pad|>", "<|endoftext|>",
+    ] + [f"a{c}b {c}1 x{c}{c} '{c}s \n{c}  {c}" for c in odd]
+    expected = [e.ids for e in tok.backend_tokenizer.encode_batch_fast(texts, add_special_tokens=False)]
+    encoder = PretokenCache(tok)
+    assert encoder.encode(texts) == expected
+    assert encoder.encode(texts[::-1]) == expected[::-1]  # from the cache
+    monkeypatch.setattr(token_ids, "MAX_CACHED", 50)  # the cache starts over: still the same ids
+    assert PretokenCache(tok).encode(texts) == expected
+
+
+def test_pretoken_cache_refuses_other_tokenizers(tok):
+    import copy
+
+    from tokenizers import normalizers
+
+    other = copy.deepcopy(tok)
+    other.backend_tokenizer.normalizer = normalizers.Lowercase()
+    with pytest.raises(MomeError, match="byte-level BPE"):
+        PretokenCache(other)
 
 
 @pytest.mark.parametrize("kind", sorted(FEATURES))
@@ -159,15 +219,17 @@ def test_bad_router_config_names_the_key():
         RouterConfig(features="words")
 
 
-def test_search_space_names_only_known_features_classifiers_and_params(ray_head):
+@pytest.mark.parametrize("name", ["router.yaml", "router_token_nb.yaml"])
+def test_search_space_names_only_known_features_classifiers_and_params(name, ray_head):
     # ray_head first: `to_tune` imports Ray, which reads RAY_AUTH_MODE once, at import; the session head's
     # fixture sets it (a Ray imported before it would try token auth against the test head and hang).
     from mome_ray.sweeps import load_space, to_tune
 
-    space = load_space(ROOT / "tune_spaces/router.yaml")
+    space = load_space(ROOT / "tune_spaces" / name)
     to_tune(space)  # every domain is well formed
-    assert set(space["features"]["grid"]) == set(FEATURES) == set(space["feature_params"])
-    assert set(space["classifier"]["grid"]) == set(CLASSIFIERS) == set(space["classifier_params"])
+    if name == "router.yaml":  # the full space covers every feature kind and classifier
+        assert set(space["features"]["grid"]) == set(FEATURES) == set(space["feature_params"])
+        assert set(space["classifier"]["grid"]) == set(CLASSIFIERS) == set(space["classifier_params"])
     for name, params in space["classifier_params"].items():
         for key, domain in params.items():
             (kind, values), = domain.items()

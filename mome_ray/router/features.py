@@ -1,12 +1,13 @@
 """Feature pipelines of the router: text (or token ids) -> a sparse matrix.
 
     vec = build_features("token_tfidf", {"ngram_max": 2})
-    X = vec.fit_transform(ids_as_text(tokenizer, texts))
+    X = vec.fit_transform(PretokenCache(tokenizer).encode(texts))   # token_tfidf reads token ids (token_ids.py)
 
 Three kinds:
-- `token_tfidf`: TF-IDF over token-id n-grams (the paper's, unigrams by default). Ids are written as
-  space-separated decimal strings; the token pattern is `\\S+`, so one-digit ids count. (scikit-learn's
-  default pattern needs two word characters and silently drops ids 0-9: the bug in the paper's code.)
+- `token_tfidf`: TF-IDF over token-id n-grams (the paper's, unigrams by default), computed from the id
+  sequences in numpy (router/token_ngrams.py). Its n-grams are those of the ids written as space-separated
+  decimal strings with the token pattern `\\S+`, so one-digit ids count. (scikit-learn's default pattern
+  needs two word characters and silently drops ids 0-9: the bug in the paper's code.)
 - `char_tfidf`: TF-IDF over character n-grams of the text (`char`: across spaces, so indentation and
   punctuation runs, strong signs of code, count; `char_wb`: within words).
 - `hashing`: character n-grams hashed into a fixed number of columns (no vocabulary to store), then TF-IDF.
@@ -45,15 +46,16 @@ def uses_tokens(kind: str) -> bool:
 
 
 def build_features(kind: str, params: dict[str, Any] | None = None):
-    """A fresh scikit-learn transformer (strings in, sparse non-negative matrix out)."""
+    """A fresh scikit-learn transformer (texts, or token-id sequences for `token_tfidf`, in; sparse matrix out)."""
     from sklearn.feature_extraction.text import HashingVectorizer, TfidfTransformer, TfidfVectorizer
     from sklearn.pipeline import make_pipeline
 
+    from mome_ray.router.token_ngrams import TokenNgramTfidf
+
     p = feature_params(kind, params or {})
     if kind == "token_tfidf":
-        return TfidfVectorizer(token_pattern=TOKEN_PATTERN, lowercase=False, ngram_range=(1, int(p["ngram_max"])),
-                               min_df=int(p["min_df"]), max_features=int(p["max_features"]) or None,
-                               sublinear_tf=bool(p["sublinear_tf"]), dtype=_float32())
+        return TokenNgramTfidf(ngram_max=int(p["ngram_max"]), min_df=int(p["min_df"]),
+                               max_features=int(p["max_features"]), sublinear_tf=bool(p["sublinear_tf"]))
     ngrams = (int(p["ngram_min"]), int(p["ngram_max"]))
     if kind == "char_tfidf":
         return TfidfVectorizer(analyzer=p["analyzer"], ngram_range=ngrams, min_df=int(p["min_df"]),
@@ -69,10 +71,3 @@ def _float32():
     import numpy as np
 
     return np.float32
-
-
-def ids_as_text(tokenizer, texts: list[str]) -> list[str]:
-    """Token ids of each text as one space-separated string, the input of `token_tfidf`."""
-    # The Rust tokenizer directly, without offsets: half the time of `tokenizer(texts)`, the same ids.
-    encodings = tokenizer.backend_tokenizer.encode_batch_fast(texts, add_special_tokens=False)
-    return [" ".join(map(str, e.ids)) for e in encodings]

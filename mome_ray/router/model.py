@@ -20,7 +20,7 @@ import numpy as np
 
 from mome_ray.errors import MomeError
 from mome_ray.router.classifiers import build_classifier, classifier_params
-from mome_ray.router.features import build_features, feature_params, ids_as_text, uses_tokens
+from mome_ray.router.features import build_features, feature_params, uses_tokens
 
 UNKNOWN = "unknown"
 MAX_BAD_CHARS = 0.2  # a string with a larger share of control / undecodable characters is not text
@@ -87,13 +87,19 @@ class Router:
             raise MomeError(f"router features '{features}' read token ids; give the router a tokenizer")
         self.pipeline, self.features, self.tokenizer = pipeline, features, tokenizer
         self.unknown_below, self.batch_size = unknown_below, batch_size
+        self.encoder = None  # texts -> token ids, when the features read them
+        if uses_tokens(features):
+            from mome_ray.router.token_ids import PretokenCache
+
+            self.encoder = PretokenCache(tokenizer)
 
     @property
     def classes(self) -> list[str]:
         return [str(c) for c in self.pipeline.classes_]
 
-    def _inputs(self, texts: list[str]) -> list[str]:
-        return ids_as_text(self.tokenizer, texts) if uses_tokens(self.features) else texts
+    def _inputs(self, texts: list[str]) -> list:
+        """What the feature pipeline reads: token ids of each text, or the texts themselves."""
+        return self.encoder.encode(texts) if self.encoder is not None else texts
 
     def predict_proba(self, texts: list) -> tuple[list[str], np.ndarray]:
         """(class labels, probabilities (N, len(labels))); a row of zeros for input that is not text."""

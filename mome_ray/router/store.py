@@ -22,11 +22,12 @@ from mome_ray.errors import MomeError
 from mome_ray.router.features import uses_tokens
 from mome_ray.router.model import Router
 
-FORMAT = 1
+FORMAT = 2  # 2: token_tfidf is TokenNgramTfidf (reads token ids), no longer a TfidfVectorizer over id strings
 MODEL, INFO, TOKENIZER = "router.skops", "router.json", "tokenizer"
 
 # Types skops does not trust by default that our pipelines contain, and nothing else.
 TRUSTED = frozenset({
+    "mome_ray.router.token_ngrams.TokenNgramTfidf",  # token_tfidf: ints, int64 arrays and a TfidfTransformer
     "scipy.sparse._csr.csr_matrix",  # KNN's stored training rows
     "sklearn.calibration._CalibratedClassifier",  # LinearSVC / Ridge calibration
     "sklearn.calibration._SigmoidCalibration",
