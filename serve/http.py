@@ -19,6 +19,7 @@ import json
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from ray.exceptions import RayActorError
 from starlette.exceptions import HTTPException
 
 from mome_ray.errors import MomeError
@@ -71,6 +72,11 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(HTTPException)
     async def _http(request: Request, exc: HTTPException):
         return error_response(exc.status_code, str(exc.detail), getattr(exc, "headers", None))
+
+    @app.exception_handler(RayActorError)
+    async def _replica_down(request: Request, exc: RayActorError):  # not the client's fault: retry (503)
+        return error_response(503, "an expert replica stopped during this request and is being replaced; "
+                                   "retry in a moment", {"Retry-After": "1"})
 
     @app.exception_handler(MomeError)
     async def _mome(request: Request, exc: MomeError):  # a request the models cannot take
