@@ -13,6 +13,7 @@ only the changed experts' user_config differs, so Serve swaps them in place (`Ex
 from __future__ import annotations
 
 import ipaddress
+import signal
 import time
 from pathlib import Path
 
@@ -91,4 +92,6 @@ def serve_forever(run_dir: str, config: str | None, overrides: list[str], host: 
     except KeyboardInterrupt:
         print("\n[serve] shutting down")
     finally:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not break the shutdown
         serve.shutdown()
+        print("[serve] stopped")
