@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import ClassVar
 
 import torch
 
@@ -43,23 +44,32 @@ class KDSweepConfig:
 
 
 @dataclass
-class DistillConfig:
-    model: ModelConfig = field(default_factory=lambda: ModelConfig(n_layer=2, n_embd=128, n_head=4))
+class KDRecipe:
+    """What every KD training run is configured by: the distilled students here and JEET / MoE-CE
+    (`moe_train.MoEConfig`); `kd_train` reads these. `section` names the config section in errors."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     scaling: ScalingArgs = field(default_factory=lambda: ScalingArgs(num_workers=1, cpus_per_worker=1))
     alpha: AlphaConfig = field(default_factory=AlphaConfig)
     kd_loss: str = "reverse_kl"  # reverse_kl (the paper's stated loss), forward_kl, jsd, skew_kl
     temperature: float = 1.0  # softens both distributions in the KD term (with τ² scaling)
-    langs: list[str] = field(default_factory=list)  # experts to train ([] = every language of the run)
-    baselines: bool = True  # also train the no-KD students and the multilingual student
     max_parallel: int = 0  # runs at once (0 = as many as the cluster fits)
-    sweep: KDSweepConfig = field(default_factory=KDSweepConfig)
+    section: ClassVar[str] = "distill"
 
     def __post_init__(self):
         if self.kd_loss not in KD_LOSSES:
-            raise MomeError(f"distill.kd_loss '{self.kd_loss}' is not one of {sorted(KD_LOSSES)}")
+            raise MomeError(f"{self.section}.kd_loss '{self.kd_loss}' is not one of {sorted(KD_LOSSES)}")
         if self.temperature <= 0:
-            raise MomeError(f"distill.temperature must be > 0, got {self.temperature}")
+            raise MomeError(f"{self.section}.temperature must be > 0, got {self.temperature}")
+
+
+@dataclass
+class DistillConfig(KDRecipe):
+    model: ModelConfig = field(default_factory=lambda: ModelConfig(n_layer=2, n_embd=128, n_head=4))
+    langs: list[str] = field(default_factory=list)  # experts to train ([] = every language of the run)
+    baselines: bool = True  # also train the no-KD students and the multilingual student
+    sweep: KDSweepConfig = field(default_factory=KDSweepConfig)
 
 
 @dataclass
@@ -146,7 +156,7 @@ def train_fn_per_worker(config: dict) -> None:
              lambda: evaluate(run.model, val, device, cfg.train.batch_size, cfg.train.bf16), banner)
 
 
-def kd_train(run, batches, teacher, schedule: AlphaSchedule, cfg, device, name: str, world: int,
+def kd_train(run, batches, teacher, schedule: AlphaSchedule, cfg: KDRecipe, device, name: str, world: int,
              evaluate_fn, banner: str, route=None) -> None:
     """The KD loop every distilled model shares (students here, JEET / MoE-CE in `moe_train`).
 
@@ -155,7 +165,6 @@ def kd_train(run, batches, teacher, schedule: AlphaSchedule, cfg, device, name: 
     per-step trace (CE, KD, α, β), progress lines, and at every evaluation `evaluate_fn()` -> {lang: loss}
     reported with a checkpoint.
     `route(model, lang_index)` wraps the model per batch (the MoEs route each sequence to its stack).
-    `cfg` needs `train`, `model`, `kd_loss` and `temperature` (DistillConfig, MoEConfig).
     """
     from mome_ray.worker import report
 

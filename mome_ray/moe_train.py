@@ -17,18 +17,17 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import ClassVar
 
 import torch
 from torch import nn
 
-from mome_ray.alpha import AlphaConfig, AlphaSchedule
-from mome_ray.cluster import ScalingArgs
+from mome_ray.alpha import AlphaSchedule
 from mome_ray.config import from_dict, to_dict
 from mome_ray.data import balanced_data
-from mome_ray.distill import check_teacher, kd_train
+from mome_ray.distill import KDRecipe, check_teacher, kd_train
 from mome_ray.errors import MomeError
 from mome_ray.jeet import DDP_KWARGS, JEETConfig, JEETModel
-from mome_ray.losses import KD_LOSSES
 from mome_ray.models import ModelConfig, load_lm, n_params
 from mome_ray.moe import MoE, Routing
 from mome_ray.tokenizer import load_tokenizer
@@ -38,22 +37,16 @@ VARIANTS = {"jeet": False, "moe-ce": True}  # artifact name -> has the common ex
 
 
 @dataclass
-class MoEConfig:
+class MoEConfig(KDRecipe):
     # One expert stack: the paper's MoE experts are half its students' depth (3 x 768 vs 6 x 768).
     model: ModelConfig = field(default_factory=lambda: ModelConfig(n_layer=1, n_embd=128, n_head=4))
-    train: TrainConfig = field(default_factory=TrainConfig)
-    scaling: ScalingArgs = field(default_factory=lambda: ScalingArgs(num_workers=1, cpus_per_worker=1))
-    alpha: AlphaConfig = field(default_factory=AlphaConfig)
-    kd_loss: str = "reverse_kl"  # as in distill: reverse_kl, forward_kl, jsd, skew_kl
-    temperature: float = 1.0
     gate: bool = False  # MoE-CE: a learned per-expert scalar gate instead of the paper's plain mean
-    max_parallel: int = 0  # training runs at once (0 = as many as the cluster fits)
     eval_blocks: int = 48  # evaluation grid: validation blocks per language (the same for every row)
     top_k: int = 2  # the grid's top-k mixing row
+    section: ClassVar[str] = "moe"
 
     def __post_init__(self):
-        if self.kd_loss not in KD_LOSSES:
-            raise MomeError(f"moe.kd_loss '{self.kd_loss}' is not one of {sorted(KD_LOSSES)}")
+        super().__post_init__()
         if self.eval_blocks < 1 or self.top_k < 1:
             raise MomeError(f"moe.eval_blocks and moe.top_k must be >= 1, got {self.eval_blocks}, {self.top_k}")
 
