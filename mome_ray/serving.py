@@ -103,10 +103,6 @@ class ServeSpec:
     router: Path | None
     tokenizer: Path
 
-    @property
-    def common(self) -> str | None:
-        return COMMON if COMMON in self.backends else None
-
 
 def load_spec(run_dir: str | Path, artifact: str = "moe", teacher: bool = True) -> ServeSpec:
     """The MoE artifact RUN_DIR/<artifact>/ple.json (written by `mome moe` / `mome add-expert`) as a ServeSpec."""

@@ -37,6 +37,7 @@ from ray.serve.handle import DeploymentHandle
 
 from mome_ray.jeet import COMMON
 from mome_ray.moe import sample_next
+from mome_ray.router.store import INFO as ROUTER_INFO
 from mome_ray.errors import MomeError
 from mome_ray.serving import (TEACHER, GenRequest, ServeConfig, ServedLM, ServeSpec, check_model_dir, file_version,
                                load_spec)
@@ -133,7 +134,7 @@ class Gateway:
             self.router = load_router(Path(spec["router"]))
             missing = [l for l in self.langs if l not in self.router.classes]
             if missing:
-                raise ValueError(f"the router has no class for expert(s) {missing}; retrain it on every language")
+                raise MomeError(f"the router has no class for expert(s) {missing}; retrain it on every language")
             self.router_info = {"classes": self.router.classes, "unknown_below": self.router.unknown_below,
                                 "version": spec["router_version"]}
         self._route_batch = serve.batch(max_batch_size=spec["router_batch"], batch_wait_timeout_s=0.002)(self._route_rows)
@@ -204,10 +205,9 @@ class Gateway:
     async def _route_rows(self, texts: list[str]) -> list[Route]:
         classes, probs = await asyncio.to_thread(self.router.predict_proba, texts)
         routes = []
-        for row in probs:
-            best = int(row.argmax())
-            sure = row[best] > 0 and row[best] >= self.router.unknown_below and classes[best] in self.langs
-            language = classes[best] if sure else "unknown"
+        for label, row in zip(self.router.decide(probs), probs):  # a class the MoE has no expert for: unknown
+            sure = label in self.langs
+            language = label if sure else "unknown"
             expert = language if sure else (COMMON if COMMON in self.handles else self._best(classes, row))
             routes.append(Route(language=language, expert=expert,
                                 probabilities={c: round(float(p), 6) for c, p in zip(classes, row)}))
@@ -391,8 +391,9 @@ def build_app(args: AppArgs | dict) -> serve.Application:
         handles[name] = Expert.options(**opts.options(f"expert-{name}", cfg.access_log), user_config=user_config).bind(
             name, max(1, round(opts.num_cpus)), user_config)
     kinds = {n: "teacher" if n == TEACHER else "common" if n == COMMON else "language" for n in experts}
-    router_version = file_version(spec.router / "router.skops") if spec.router and \
-        (spec.router / "router.skops").is_file() else None
+    router_version = None
+    if spec.router and (spec.router / ROUTER_INFO).is_file():  # the sha256 the router's loader checks its file by
+        router_version = json.loads((spec.router / ROUTER_INFO).read_text()).get("sha256", "")[:12] or None
     gateway = {"langs": spec.langs, "kinds": kinds, "tokenizer": str(spec.tokenizer),
                "router": str(spec.router) if spec.router else None, "router_version": router_version,
                "router_batch": cfg.router.max_batch_size, "token": cfg.token(),

@@ -32,13 +32,11 @@ def is_loopback(host: str) -> bool:
 def deploy_config(run_dir: str, config: str | None, overrides: list[str], host: str | None = None,
                   port: int | None = None, models: dict[str, str] | None = None) -> dict:
     """A `serve deploy` config (a dict; YAML on disk) for the run, each expert's user_config pinned."""
-    from mome_ray.settings import load_settings
     from serve.app import AppArgs, resolve
 
-    serve_cfg = load_settings(config, overrides).serve
     args = AppArgs(run_dir=str(Path(run_dir).resolve()), config=str(Path(config).resolve()) if config else "",
                    overrides=list(overrides))
-    _, _, experts = resolve(args.model_copy(update={"models": models or {}}))
+    serve_cfg, _, experts = resolve(args.model_copy(update={"models": models or {}}))
     return {"proxy_location": "HeadOnly",
             "http_options": {"host": host or serve_cfg.host, "port": port or serve_cfg.port},
             "applications": [{"name": APP, "route_prefix": "/", "import_path": "serve.app:build_app",

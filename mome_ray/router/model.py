@@ -112,9 +112,14 @@ class Router:
 
     def predict(self, texts: list) -> list[str]:
         """One language code per text, or `unknown` (not text, or top probability below the threshold)."""
-        classes, probs = self.predict_proba(texts)
+        return self.decide(self.predict_proba(texts)[1])
+
+    def decide(self, probs: np.ndarray) -> list[str]:
+        """The label of each row of `predict_proba`'s probabilities: its most probable class, or `unknown`
+        when that is 0 (not text) or below `unknown_below`."""
+        classes = self.classes
         best = probs.argmax(axis=1)
-        top = probs[np.arange(len(texts)), best]
+        top = probs[np.arange(len(probs)), best]
         return [classes[b] if p > 0 and p >= self.unknown_below else UNKNOWN for b, p in zip(best, top)]
 
 
