@@ -64,7 +64,7 @@ def retrain_router(cfg, langs: list[str], log=print) -> bool:
 def add_expert(cfg, lang: str, source: str | Path, log=print) -> dict:
     """Steps 1–4 above; returns the new MoE artifact's meta."""
     from mome_ray.artifacts import read_meta, stage_writer, write_meta
-    from mome_ray.cluster import init_ray
+    from mome_ray.cluster import init_ray, resolve_run_dir
     from mome_ray.config import to_dict
     from mome_ray.distill import distill_students
     from mome_ray.grid import evaluate_grid, grid_markdown_frame, moe_rows, route_for
@@ -72,7 +72,12 @@ def add_expert(cfg, lang: str, source: str | Path, log=print) -> dict:
     from mome_ray.moe import MoE, load_ple
     from mome_ray.sweeps import markdown_table
 
-    run_dir, source = Path(cfg.run_dir), Path(source)
+    store = resolve_run_dir(cfg.run_dir)
+    if store.remote:
+        raise MomeError(f"mome add-expert adds files to the run's tokenizer artifact and needs a local or mounted "
+                        f"run dir, not '{store.location}'; copy the run to a shared mount, or rebuild the corpus "
+                        f"with the language in `langs`")
+    run_dir, source = Path(store.location), Path(source)
     if lang in cfg.langs:
         raise MomeError(f"'{lang}' is already a language of this run ({cfg.langs}); its expert comes from "
                         f"'mome distill'")
@@ -85,7 +90,7 @@ def add_expert(cfg, lang: str, source: str | Path, log=print) -> dict:
     data = encode_language(cfg, lang, source, log)
     init_ray(cfg.ray)
     distill = dataclasses.replace(cfg.distill, langs=[lang], baselines=False)
-    distill_students(distill, langs, run_dir, cfg.ray, cfg.seed, log=log)
+    distill_students(distill, langs, store, cfg.ray, cfg.seed, log=log)
     router = retrain_router(cfg, langs, log)
 
     experts = {l: run_dir / "experts" / l for l in langs}

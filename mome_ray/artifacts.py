@@ -6,24 +6,24 @@
     RUN_DIR/experts/     <lang>/, nokd-<lang>/, multilingual/ (each a model artifact with its own meta.json),
                          eval.csv + eval.md, and meta.json of the whole stage (written last)
     RUN_DIR/router/      router.skops + router.json (mome_ray.router.load_router), confusion.png
+    RUN_DIR/ray_results/ Ray Train / Tune runs (checkpoints), one folder per run name
 
-`meta.json` = {stage, config (also as run_config.yaml), metrics, parents, versions, seed, created}. The next stage finds its inputs
-through `read_meta`, never by guessing paths. A stage writes into a temporary sibling folder and swaps it
-in only when complete, so a failed or killed stage never leaves a half-written artifact behind, and the
-previous one stays intact until the new one is whole.
+RUN_DIR is a local folder, a shared mount or a URI (`storage.RunStore`). `meta.json` = {stage, config
+(also as run_config.yaml), metrics, parents, versions, seed, created, files (sha256 of every file)}. The
+next stage finds its inputs through `read_meta`, never by guessing paths. A stage is written in full
+before its `meta.json` appears (`stage_writer`), so a failed or killed stage never leaves a half-written
+artifact that reads as complete.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import platform
-import shutil
 import time
 from pathlib import Path
-from typing import Iterator
 
 from mome_ray.errors import MomeError
+from mome_ray.storage import RunStore, manifest
 
 # The command that makes each stage, for error messages.
 MAKES = {
@@ -50,48 +50,34 @@ def versions() -> dict[str, str]:
     return out
 
 
-def read_meta(run_dir: Path, stage: str) -> dict:
-    """The meta of `stage` in `run_dir`, or an error that says which command makes it."""
-    path = Path(run_dir) / stage / "meta.json"
-    if not path.is_file():
-        make = MAKES.get(stage, f"mome {stage}")
-        raise MomeError(f"no '{stage}' artifact in run dir '{run_dir}'; run '{make} --config CONFIG' first "
-                        f"(with the same run_dir)")
-    return json.loads(path.read_text())
+def as_store(run: RunStore | str | Path) -> RunStore:
+    return run if isinstance(run, RunStore) else RunStore(run)
 
 
-def is_complete(run_dir: Path, stage: str, config: dict) -> bool:
+def read_meta(run: RunStore | str | Path, stage: str) -> dict:
+    """The meta of `stage` in the run, or an error that says which command makes it."""
+    store = as_store(run)
+    meta = store.meta(stage)
+    if meta is None:
+        make = MAKES.get(stage.split("/")[0], f"mome {stage}")
+        raise MomeError(f"no '{stage}' artifact in run dir '{store.location}'; run '{make} --config CONFIG' "
+                        f"first (with the same run_dir)")
+    return meta
+
+
+def is_complete(run: RunStore | str | Path, stage: str, config: dict) -> bool:
     """True when `stage` has an artifact made with exactly `config` (the pipeline then skips it)."""
-    try:
-        return read_meta(run_dir, stage)["config"] == config
-    except MomeError:
-        return False
+    meta = as_store(run).meta(stage)
+    return meta is not None and meta["config"] == config
 
 
-@contextlib.contextmanager
-def stage_writer(run_dir: Path, stage: str) -> Iterator[Path]:
-    """Yield a temporary folder to write `stage` into; swap it in as RUN_DIR/stage on success."""
-    run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    final, tmp, old = run_dir / stage, run_dir / f".{stage}.tmp", run_dir / f".{stage}.old"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
-        yield tmp
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    if not (tmp / "meta.json").is_file():
-        raise RuntimeError(f"stage '{stage}' wrote no meta.json")  # a bug in the stage, not user error
-    shutil.rmtree(old, ignore_errors=True)
-    if final.exists():
-        final.rename(old)
-    tmp.rename(final)
-    shutil.rmtree(old, ignore_errors=True)
+def stage_writer(run: RunStore | str | Path, stage: str, nested: bool = False):
+    """A local folder to write `stage` into, published to the run's storage when complete."""
+    return as_store(run).writer(stage, nested=nested)
 
 
 def write_meta(out_dir: Path, stage: str, config: dict, metrics: dict, parents: dict[str, str], seed: int) -> dict:
-    """Write `meta.json` (last, after everything else of the stage) and the resolved config."""
+    """Write `meta.json` (last, after everything else of the stage, listing its files) and the resolved config."""
     import yaml
 
     meta = {
@@ -104,6 +90,7 @@ def write_meta(out_dir: Path, stage: str, config: dict, metrics: dict, parents: 
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
     (out_dir / "run_config.yaml").write_text(yaml.safe_dump(config, sort_keys=False, allow_unicode=True))
+    meta["files"] = manifest(out_dir)  # what a node fetching the artifact downloads and checks
     tmp = out_dir / ".meta.json.tmp"
     tmp.write_text(json.dumps(meta, indent=2, ensure_ascii=False))
     tmp.replace(out_dir / "meta.json")  # atomic: a reader sees the old meta or the new one, never half

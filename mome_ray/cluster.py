@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from mome_ray.errors import MomeError
+from mome_ray.storage import RunStore, is_uri
 
 LOCAL_ENV = {
     "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
@@ -42,9 +43,53 @@ class ScalingArgs:
 
 @dataclass
 class RayConfig:
-    storage_path: str = ""  # checkpoints and Train results; "" = RUN_DIR/ray_results. Use s3:// or NFS on a cluster
+    storage_path: str = ""  # checkpoints and Train results; "" = RUN_DIR/ray_results (local, NFS or s3:// alike)
     max_failures: int = 2  # a dead worker restarts the run from its last checkpoint this many times
     num_cpus: int = 0  # CPUs of a local cluster (0 = all)
+    task_cpus: float = 1  # CPUs of the Ray tasks doing a stage's heavy work (corpus, tokenizer, evaluation)
+    task_gpus: float = 0  # GPUs of the evaluation tasks
+
+
+# What every Ray process of a job needs; on a real cluster it travels in the job's runtime_env (a worker
+# started by another node's raylet does not inherit the driver's environment).
+WORKER_ENV = ("HF_HUB_OFFLINE", "TOKENIZERS_PARALLELISM", "RAY_TRAIN_ENABLE_V2_MIGRATION_WARNINGS",
+              "RAY_TRAIN_ENABLE_PRINT_PATCH")
+# Where the run's storage is: forwarded when set on the driver (secrets belong on the nodes themselves).
+STORAGE_ENV = ("AWS_ENDPOINT_URL", "AWS_DEFAULT_REGION", "AWS_REGION")
+
+
+def worker_env() -> dict[str, str]:
+    """The env vars the job's workers get through runtime_env (those the job's own runtime_env lacks)."""
+    import json
+
+    env = {k: os.environ.get(k, LOCAL_ENV[k]) for k in WORKER_ENV}
+    env.update({k: os.environ[k] for k in STORAGE_ENV if os.environ.get(k)})
+    job = json.loads(os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR", "{}")).get("runtime_env") or {}
+    return {k: v for k, v in env.items() if k not in (job.get("env_vars") or {})}
+
+
+def in_ray_job() -> bool:
+    """True inside a driver started by `ray job submit` (its working dir is a temporary, node-local copy)."""
+    return "RAY_JOB_CONFIG_JSON_ENV_VAR" in os.environ
+
+
+def _remote_address(address: str) -> bool:
+    host = address.split("://")[-1].rsplit(":", 1)[0]
+    return address not in ("", "auto", "local") and host not in ("127.0.0.1", "localhost", "::1", "[::1]")
+
+
+def resolve_run_dir(run_dir: str) -> RunStore:
+    """The run's storage; a relative path is refused where other nodes or later jobs could not see it."""
+    if is_uri(run_dir) or Path(run_dir).is_absolute():
+        return RunStore(run_dir)
+    address = os.environ.get("RAY_ADDRESS", "")
+    if in_ray_job() or _remote_address(address):
+        where = "inside a Ray job (its working dir is a temporary copy on one node)" if in_ray_job() else \
+            f"against the remote cluster RAY_ADDRESS={address}"
+        raise MomeError(f"run_dir '{run_dir}' is a relative path {where}: other nodes and later jobs cannot see "
+                        f"it. Use a URI (run_dir=s3://bucket/runs/x, gs://...) or an absolute path on a mount "
+                        f"every node shares (run_dir=/mnt/shared/runs/x)")
+    return RunStore(run_dir)
 
 
 def init_ray(cfg: RayConfig | None = None, temp_dir: str | None = None) -> None:
@@ -55,8 +100,9 @@ def init_ray(cfg: RayConfig | None = None, temp_dir: str | None = None) -> None:
         return
     for k, v in LOCAL_ENV.items():
         os.environ.setdefault(k, v)
+    runtime_env = {"env_vars": worker_env()}
     if os.environ.get("RAY_ADDRESS"):
-        ray.init(log_to_driver=True)
+        ray.init(log_to_driver=True, runtime_env=runtime_env)
         return
     # The dashboard (on 127.0.0.1) serves the state API that Train's placement-group cleaner needs: without
     # it, a Tune trial's finished TorchTrainer leaves its placement group behind and the next trial waits.
@@ -66,11 +112,30 @@ def init_ray(cfg: RayConfig | None = None, temp_dir: str | None = None) -> None:
         dashboard_host="127.0.0.1",
         _node_ip_address="127.0.0.1",
         _temp_dir=temp_dir,
+        runtime_env=runtime_env,
     )
 
 
-def storage_path(cfg: RayConfig, run_dir: Path) -> str:
-    return cfg.storage_path or str((Path(run_dir) / "ray_results").resolve())
+def on_cluster(fn, *args, cpus: float = 1, gpus: float = 0, name: str = ""):
+    """`fn(*args)` as a Ray task holding `cpus`/`gpus` (heavy work stays off the driver's node, which may be
+    a head with no CPUs); a local run without Ray calls it here. Ctrl-C cancels the task."""
+    import ray
+
+    if not ray.is_initialized() and not os.environ.get("RAY_ADDRESS"):
+        return fn(*args)
+    init_ray()
+    task = ray.remote(fn).options(num_cpus=cpus, num_gpus=gpus, name=name or fn.__name__, max_retries=0)
+    ref = task.remote(*args)
+    try:
+        return ray.get(ref)
+    except KeyboardInterrupt:
+        ray.cancel(ref, force=True)
+        raise
+
+
+def storage_path(cfg: RayConfig, run: RunStore) -> str:
+    """Where Ray Train / Tune keep checkpoints: `ray.storage_path`, else the run's own `ray_results/`."""
+    return cfg.storage_path or run.uri("ray_results")
 
 
 def quiet_worker() -> None:

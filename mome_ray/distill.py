@@ -16,7 +16,6 @@ What gets trained (`plan`), each its own Ray Train run with its own checkpoints 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import ClassVar
 
 import torch
@@ -28,6 +27,7 @@ from mome_ray.data import BalancedBatches, eval_blocks, load_blocks
 from mome_ray.errors import MomeError
 from mome_ray.losses import KD_LOSSES
 from mome_ray.models import ModelConfig, build_gpt2, load_lm, n_params
+from mome_ray.storage import RunStore
 from mome_ray.tokenizer import load_tokenizer
 from mome_ray.training import (Progress, TrainConfig, autocast, clip_and_step, eval_metrics, evaluate, lm_loss)
 
@@ -132,7 +132,8 @@ def train_fn_per_worker(config: dict) -> None:
 
     cfg = from_dict(DistillConfig, config["distill"])
     student = Student(**config["student"])
-    tok_dir, seed, name = Path(config["tokenizer_dir"]), config["seed"], config["name"]
+    store, seed, name = RunStore(config["run"]), config["seed"], config["name"]
+    tok_dir = store.fetch("tokenizer")  # this node's copies
     rank, world, device = worker_context(cfg.scaling.cpus_per_worker)
     T = cfg.model.n_positions
 
@@ -142,7 +143,7 @@ def train_fn_per_worker(config: dict) -> None:
            for l in student.langs}
     teacher = None
     if student.kd:
-        teacher = load_lm(config["teacher_dir"], tok_dir).to(device).eval().requires_grad_(False)
+        teacher = load_lm(store.fetch("teacher"), tok_dir).to(device).eval().requires_grad_(False)
 
     def build():
         tok = load_tokenizer(tok_dir)
@@ -216,55 +217,51 @@ def student_config(cfg: DistillConfig, student: Student, run_langs: list[str], s
     return {"langs": run_langs, "seed": seed, "distill": d, "student": vars(student)}
 
 
-def loop_config(cfg: DistillConfig, student: Student, run_dir: Path, seed: int, name: str) -> dict:
+def loop_config(cfg: DistillConfig, student: Student, store: RunStore, seed: int, name: str) -> dict:
     from mome_ray.config import to_dict
 
-    return {"distill": to_dict(cfg), "student": vars(student), "seed": seed, "name": name,
-            "tokenizer_dir": str((run_dir / "tokenizer").resolve()),
-            "teacher_dir": str((run_dir / "teacher").resolve())}
+    return {"distill": to_dict(cfg), "student": vars(student), "seed": seed, "name": name, "run": store.location}
 
 
-def check_teacher(cfg: DistillConfig, run_dir: Path) -> None:
+def check_teacher(cfg: DistillConfig, store: RunStore) -> None:
     from mome_ray.artifacts import read_meta
 
-    teacher = read_meta(run_dir, "teacher")
+    teacher = read_meta(store, "teacher")
     context = teacher["config"]["teacher"]["model"]["n_positions"]
     if cfg.model.n_positions > context:
         raise MomeError(f"distill.model.n_positions ({cfg.model.n_positions}) exceeds the teacher's context "
                         f"({context}); the teacher must see the student's whole block")
 
 
-def distill_students(cfg: DistillConfig, run_langs: list[str], run_dir: Path, ray_cfg, seed: int,
+def distill_students(cfg: DistillConfig, run_langs: list[str], store: RunStore, ray_cfg, seed: int,
                      fresh: bool = False, log=print) -> dict[str, dict]:
     """Train every planned student that is not up to date; returns {name: meta} of all planned students."""
     from mome_ray.artifacts import is_complete, read_meta, stage_writer, write_meta
-    from mome_ray.launch import TrainJob, export_checkpoint, fit_many
+    from mome_ray.launch import TrainJob, export_checkpoint, fit_many, run_name
 
-    run_dir = Path(run_dir)
-    check_teacher(cfg, run_dir)
-    out_root = run_dir / "experts"
-    parents = {p: read_meta(run_dir, p)["created"] for p in ("tokenizer", "teacher")}
+    check_teacher(cfg, store)
+    parents = {p: read_meta(store, p)["created"] for p in ("tokenizer", "teacher")}
     students = {s.name: s for s in plan(cfg, run_langs)}
     configs = {name: student_config(cfg, s, run_langs, seed) for name, s in students.items()}
     jobs = []
     for name, student in students.items():
-        if (not fresh and is_complete(out_root, name, configs[name])
-                and read_meta(out_root, name)["parents"] == parents):
-            log(f"[distill] {name}: up to date in {out_root / name}, skipped")
+        stage = f"experts/{name}"
+        if not fresh and is_complete(store, stage, configs[name]) and read_meta(store, stage)["parents"] == parents:
+            log(f"[distill] {name}: up to date in {store.uri(stage)}, skipped")
             continue
-        run_name = f"{run_dir.resolve().name}-{name}"
-        jobs.append(TrainJob(run_name, train_fn_per_worker, loop_config(cfg, student, run_dir, seed, name),
-                             cfg.scaling, cfg.train.keep_checkpoints, fresh))
-    by_run = {job.name: job.loop_config["name"] for job in jobs}
+        loop = loop_config(cfg, student, store, seed, name)
+        jobs.append(TrainJob(run_name(store, name, loop, parents), train_fn_per_worker, loop, cfg.scaling,
+                             cfg.train.keep_checkpoints, fresh))
+    tokenizer_dir = store.fetch("tokenizer")
 
     def export(job, result, resumed: bool) -> None:
-        name = by_run[job.name]
-        with stage_writer(out_root, name) as out:
+        name = job.loop_config["name"]
+        with stage_writer(store, f"experts/{name}") as out:
             state = export_checkpoint(result, out)
-            load_tokenizer(run_dir / "tokenizer").save_pretrained(str(out))
+            load_tokenizer(tokenizer_dir).save_pretrained(str(out))
             metrics = {"final": state["history"][-1], "untrained": state["history"][0],
                        "history": state["history"], "trace": state["trace"], "resumed": resumed}
             write_meta(out, f"experts/{name}", configs[name], metrics, parents, seed)
 
-    fit_many(jobs, ray_cfg, run_dir, on_done=export, max_parallel=cfg.max_parallel, log=log)
-    return {name: read_meta(out_root, name) for name in students}
+    fit_many(jobs, ray_cfg, store, on_done=export, max_parallel=cfg.max_parallel, log=log)
+    return {name: read_meta(store, f"experts/{name}") for name in students}

@@ -35,6 +35,7 @@ from mome_ray.jeet import DDP_KWARGS
 from mome_ray.models import ModelConfig, build_gpt2
 from mome_ray.moe import MoE, PLEExperts
 from mome_ray.moe_train import Routed, per_language_eval
+from mome_ray.storage import RunStore
 from mome_ray.tokenizer import load_tokenizer
 from mome_ray.training import Progress, TrainConfig, eval_metrics, evaluate, lm_train_step
 
@@ -79,7 +80,7 @@ def train_fn_per_worker(config: dict) -> None:
 
     cfg = from_dict(ForgettingConfig, config["forgetting"])
     stages, steps, eval_langs = config["stages"], config["steps"], config["eval_langs"]
-    tok_dir, seed, name = Path(config["tokenizer_dir"]), config["seed"], config["name"]
+    tok_dir, seed, name = RunStore(config["run"]).fetch("tokenizer"), config["seed"], config["name"]
     train = dataclasses.replace(cfg.train, max_steps=steps * len(stages))  # one LR schedule over all stages
     rank, world, device = worker_context(cfg.scaling.cpus_per_worker)
     T = cfg.model.n_positions
@@ -118,14 +119,13 @@ def train_fn_per_worker(config: dict) -> None:
             report(run, step + 1, metrics)
 
 
-def jobs_for(cfg: ForgettingConfig, langs: list[str], run_dir: Path, seed: int) -> dict[str, dict]:
+def jobs_for(cfg: ForgettingConfig, langs: list[str], store: RunStore, seed: int) -> dict[str, dict]:
     """Loop configs, one Ray Train run per regime."""
     steps = stage_steps(cfg, len(langs))
     plans = {"sequential": [[l] for l in langs], "balanced": [list(langs)] * len(langs),
              "moe": [[l] for l in langs]}
     return {regime: {"forgetting": to_dict(cfg), "regime": regime, "stages": stages, "steps": steps, "seed": seed,
-                     "name": f"forgetting-{regime}", "eval_langs": list(langs),
-                     "tokenizer_dir": str((Path(run_dir) / "tokenizer").resolve())}
+                     "name": f"forgetting-{regime}", "eval_langs": list(langs), "run": store.location}
             for regime, stages in plans.items()}
 
 
@@ -167,18 +167,18 @@ def plot_study(stages, langs: list[str], out_dir: Path) -> list[Path]:
                    "validation perplexity", logy=True)]
 
 
-def forgetting_study(cfg: ForgettingConfig, langs: list[str], run_dir: Path, ray_cfg, seed: int, out_dir: Path,
-                     log=print) -> dict:
+def forgetting_study(cfg: ForgettingConfig, langs: list[str], store: RunStore, ray_cfg, parents: dict, seed: int,
+                     out_dir: Path, log=print) -> dict:
     """Train every regime on the cluster, write the tables and plots into `out_dir`; returns metrics."""
     import torch
 
-    from mome_ray.launch import TrainJob, fit_many
+    from mome_ray.launch import TrainJob, fit_many, run_name
     from mome_ray.sweeps import markdown_table
 
-    loops = jobs_for(cfg, langs, run_dir, seed)
-    jobs = [TrainJob(f"{Path(run_dir).resolve().name}-forgetting-{regime}", train_fn_per_worker, loop, cfg.scaling,
+    loops = jobs_for(cfg, langs, store, seed)
+    jobs = [TrainJob(run_name(store, f"forgetting-{regime}", loop, parents), train_fn_per_worker, loop, cfg.scaling,
                      cfg.train.keep_checkpoints) for regime, loop in loops.items()]
-    results = fit_many(jobs, ray_cfg, run_dir, max_parallel=cfg.max_parallel, log=log)
+    results = fit_many(jobs, ray_cfg, store, max_parallel=cfg.max_parallel, log=log)
     histories = {}
     for job in jobs:
         with results[job.name][0].checkpoint.as_directory() as d:

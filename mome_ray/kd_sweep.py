@@ -13,13 +13,13 @@ per trial, best first) and best_config.yaml; Tune's CSV/JSON/TensorBoard logs st
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 from mome_ray.cluster import RayConfig, storage_path
 from mome_ray.config import deep_merge, from_dict, to_dict
 from mome_ray.distill import DistillConfig, Student, loop_config, train_fn_per_worker
 from mome_ray.errors import MomeError
+from mome_ray.storage import RunStore
 
 SEARCHED = ("alpha", "kd_loss", "temperature")
 
@@ -32,11 +32,11 @@ def trial_fn(config: dict) -> None:
     from mome_ray.launch import fit
 
     cfg = from_dict(DistillConfig, deep_merge(config["base"], config["params"]))
-    run_dir, lang = Path(config["run_dir"]), config["lang"]
-    name = f"sweep-kd-{tune.get_context().get_trial_id()}"
-    fit(train_fn_per_worker, loop_config(cfg, Student(lang, [lang], True), run_dir, config["seed"], name),
-        cfg.scaling, from_dict(RayConfig, config["ray"]), run_dir, name, keep=1, fresh=True,
-        callbacks=(TuneReportCallback(),))
+    store, lang = RunStore(config["run"]), config["lang"]
+    # A restored sweep re-runs an unfinished trial under its old id: its Train run resumes from its checkpoint.
+    name = f"{config['sweep']}-{tune.get_context().get_trial_id()}"
+    fit(train_fn_per_worker, loop_config(cfg, Student(lang, [lang], True), store, config["seed"], name),
+        cfg.scaling, from_dict(RayConfig, config["ray"]), store, name, keep=1, callbacks=(TuneReportCallback(),))
 
 
 def check_space(space: dict) -> None:
@@ -68,14 +68,18 @@ def results_frame(grid):
     return pd.DataFrame(rows).sort_values("val_ppl", na_position="last").reset_index(drop=True)
 
 
-def sweep_kd(cfg, out_dir: Path, log=print) -> dict:
-    """Run the sweep on the connected cluster; write the results into `out_dir`; returns the stage metrics."""
+def sweep_kd(cfg, store: RunStore, parents: dict, out_dir: Path, log=print) -> dict:
+    """Run the sweep on the connected cluster; write the results into `out_dir`; returns the stage metrics.
+
+    The sweep's name carries a fingerprint of its space, base config and parents: run again after a kill,
+    the same sweep is restored (`Tuner.restore`: finished trials kept, unfinished ones resumed); a changed
+    sweep starts a new one."""
     import yaml
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
 
     from mome_ray.distill import check_teacher
-    from mome_ray.launch import slots
+    from mome_ray.launch import run_name, slots
     from mome_ray.sweeps import TRIAL_CPU, load_space, max_concurrent, to_tune, tracking_callbacks, write_table
 
     d: DistillConfig = cfg.distill
@@ -83,8 +87,7 @@ def sweep_kd(cfg, out_dir: Path, log=print) -> dict:
     lang = s.lang or cfg.langs[0]
     if lang not in cfg.langs:
         raise MomeError(f"distill.sweep.lang '{lang}' is not a language of this run ({cfg.langs})")
-    run_dir = Path(cfg.run_dir)
-    check_teacher(d, run_dir)
+    check_teacher(d, store)
     space = load_space(s.space)
     check_space(space)
     base = to_dict(d)
@@ -93,31 +96,37 @@ def sweep_kd(cfg, out_dir: Path, log=print) -> dict:
     evals = -(-base["train"]["max_steps"] // d.train.eval_every)  # reports per trial
     slots(d.scaling, "a sweep trial")
     width = max_concurrent(d.scaling.num_workers * d.scaling.cpus_per_worker + TRIAL_CPU, s.max_concurrent)
-    storage = storage_path(cfg.ray, run_dir)
-    shutil.rmtree(Path(storage) / "sweep-kd", ignore_errors=True)  # a sweep starts over; results are copied out
+    storage = storage_path(cfg.ray, store)
+    fixed = {"base": base, "lang": lang, "seed": cfg.seed, "run": store.location, "ray": to_dict(cfg.ray)}
+    name = run_name(store, "sweep-kd", {**fixed, "space": space, "sweep": to_dict(s)}, parents)
+    trainable = tune.with_resources(trial_fn, {"CPU": TRIAL_CPU})
+    path = f"{storage.rstrip('/')}/{name}"
     log(f"[sweep kd] expert '{lang}', {base['train']['max_steps']} steps per trial, {width} trials at a time, "
-        f"ASHA on val_ppl (grace {s.grace_period} of {evals} evaluations)")
-    tuner = tune.Tuner(
-        tune.with_resources(trial_fn, {"CPU": TRIAL_CPU}),
-        param_space={"params": to_tune(space), "base": base, "lang": lang, "seed": cfg.seed,
-                     "run_dir": str(run_dir.resolve()), "ray": to_dict(cfg.ray)},
-        tune_config=tune.TuneConfig(
-            metric="val_ppl", mode="min", num_samples=s.num_samples, max_concurrent_trials=width,
-            scheduler=ASHAScheduler(time_attr="training_iteration", max_t=evals,
-                                    grace_period=min(s.grace_period, evals)),
-        ),
-        run_config=tune.RunConfig(name="sweep-kd", storage_path=storage,
-                                  callbacks=tracking_callbacks(s.mlflow_uri, f"{run_dir.name}-sweep-kd")),
-    )
+        f"ASHA on val_ppl (grace {s.grace_period} of {evals} evaluations); {path}")
+    if tune.Tuner.can_restore(path):
+        log(f"[sweep kd] restoring the interrupted sweep {name}")
+        tuner = tune.Tuner.restore(path, trainable, resume_errored=True)
+    else:
+        tuner = tune.Tuner(
+            trainable,
+            param_space={"params": to_tune(space), **fixed, "sweep": name},
+            tune_config=tune.TuneConfig(
+                metric="val_ppl", mode="min", num_samples=s.num_samples, max_concurrent_trials=width,
+                scheduler=ASHAScheduler(time_attr="training_iteration", max_t=evals,
+                                        grace_period=min(s.grace_period, evals)),
+            ),
+            run_config=tune.RunConfig(name=name, storage_path=storage,
+                                      callbacks=tracking_callbacks(s.mlflow_uri, f"{store.name}-sweep-kd")),
+        )
     grid = tuner.fit()
     df = results_frame(grid)
     write_table(df, out_dir, "results")
     ok = df[df["error"] == ""]
     if ok.empty:
-        raise MomeError(f"every sweep trial failed; see the trial logs under {Path(storage) / 'sweep-kd'}")
+        raise MomeError(f"every sweep trial failed; see the trial logs under {path}")
     best = grid.get_best_result(metric="val_ppl", mode="min", filter_nan_and_inf=True).config["params"]
     (out_dir / "best_config.yaml").write_text(yaml.safe_dump({"distill": best}, sort_keys=False))
     log(f"[sweep kd] {len(df)} trials; best: {best} (val ppl {ok['val_ppl'].iloc[0]:.2f})")
     return {"trials": len(df), "failed": int((df["error"] != "").sum()), "best": best,
             "best_val_ppl": float(ok["val_ppl"].iloc[0]), "lang": lang,
-            "tune_dir": str(Path(storage) / "sweep-kd")}
+            "tune_dir": path}

@@ -3,15 +3,17 @@
     result, resumed = fit(train_fn, loop_config, scaling, ray_cfg, run_dir, "small-teacher", keep=2)
     fit_many([TrainJob("expert-fr", train_fn, cfg_fr, scaling), ...], ray_cfg, run_dir, on_done=export)
 
-Each run has its own name under the storage path, so its checkpoints and resume are its own. A run whose
-name and storage exist is resumed by Ray Train V2 — wanted after a kill, not after a config change, so
-`prepare_storage` keeps it only when the config fingerprint matches. `fit_many` runs as many `fit()`s
+Each run has its own name under the storage path (the run's `ray_results/` by default: local, NFS or
+s3:// alike), so its checkpoints and resume are its own. A run whose name and storage exist is resumed by
+Ray Train V2 — wanted after a kill, not after a config change: `run_name` carries a fingerprint of the
+config and the parents, so a change gives a new name. `fit_many` runs as many `fit()`s
 at once as the cluster has CPUs (GPUs) for and queues the rest: the Train controller takes no CPU, only
 the workers do (DESIGN.md).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 import threading
@@ -23,6 +25,7 @@ from typing import Callable
 
 from mome_ray.cluster import RayConfig, ScalingArgs, storage_path
 from mome_ray.errors import MomeError
+from mome_ray.storage import RunStore
 
 
 @dataclass
@@ -35,18 +38,21 @@ class TrainJob:
     fresh: bool = False  # ignore an interrupted run's checkpoints
 
 
-def prepare_storage(storage: str, name: str, fingerprint: dict, fresh: bool) -> bool:
-    """Keep an interrupted run of the same config to resume; clear anything else. Returns True on resume."""
-    if "://" in storage:  # remote storage: Ray decides; we cannot cheaply inspect it
+def run_name(store: RunStore, model: str, loop_config: dict, parents: dict) -> str:
+    """`<run>-<model>-<fingerprint>`: the fingerprint hashes the loop config (it names the run's storage) and
+    the parents' stamps, so a changed config or a re-made parent starts a new Train run, never resumes an
+    old one, on any filesystem; and two runs sharing a storage path never share checkpoints."""
+    blob = json.dumps({"run": store.location, "config": loop_config, "parents": parents}, sort_keys=True)
+    return f"{store.name}-{model}-{hashlib.sha256(blob.encode()).hexdigest()[:10]}"
+
+
+def prepare_storage(storage: str, name: str, fresh: bool) -> bool:
+    """Clear the run's checkpoints when `fresh`; returns True when an interrupted run will be resumed."""
+    where = RunStore(storage)
+    if fresh:
+        where.delete(name)
         return False
-    run = Path(storage) / name
-    stamp = run / "mome_fingerprint.json"
-    if run.exists() and (fresh or not stamp.is_file() or json.loads(stamp.read_text()) != fingerprint):
-        shutil.rmtree(run)
-    resumed = run.exists()
-    run.mkdir(parents=True, exist_ok=True)
-    stamp.write_text(json.dumps(fingerprint, sort_keys=True))
-    return resumed
+    return where.exists(name)
 
 
 def _resources(scaling: ScalingArgs) -> dict[str, float]:
@@ -78,7 +84,7 @@ def fit(train_fn, loop_config: dict, scaling: ScalingArgs, ray_cfg: RayConfig, r
 
     slots(scaling, name)
     storage = storage_path(ray_cfg, run_dir)
-    resumed = prepare_storage(storage, name, loop_config, fresh)
+    resumed = prepare_storage(storage, name, fresh)
     trainer = TorchTrainer(
         train_fn,
         train_loop_config=loop_config,

@@ -30,6 +30,7 @@ from mome_ray.errors import MomeError
 from mome_ray.jeet import DDP_KWARGS, JEETConfig, JEETModel
 from mome_ray.models import ModelConfig, load_lm, n_params
 from mome_ray.moe import MoE, Routing
+from mome_ray.storage import RunStore
 from mome_ray.tokenizer import load_tokenizer
 from mome_ray.training import TrainConfig, evaluate
 
@@ -85,13 +86,15 @@ def train_fn_per_worker(config: dict) -> None:
     from mome_ray.worker import start_run, worker_context
 
     cfg = from_dict(MoEConfig, config["moe"])
-    langs, tok_dir, seed, name = config["langs"], Path(config["tokenizer_dir"]), config["seed"], config["name"]
+    langs, seed, name = config["langs"], config["seed"], config["name"]
+    store = RunStore(config["run"])
+    tok_dir = store.fetch("tokenizer")  # this node's copies
     rank, world, device = worker_context(cfg.scaling.cpus_per_worker)
     T = cfg.model.n_positions
 
     # --- data: balanced batches with each block's language; a fixed eval subset per language
     batches, val = balanced_data(tok_dir, langs, T, cfg.train.batch_size, cfg.train.eval_blocks, seed, rank, world)
-    teacher = load_lm(config["teacher_dir"], tok_dir).to(device).eval().requires_grad_(False)
+    teacher = load_lm(store.fetch("teacher"), tok_dir).to(device).eval().requires_grad_(False)
 
     # --- the MoE (DDP tolerates stacks no sequence of a rank's batch selected), optimizer, resume
     run = start_run(lambda: build_jeet(cfg, langs, tok_dir, config["common"]), cfg.train, name, seed, rank,
@@ -118,36 +121,33 @@ def variant_config(cfg: MoEConfig, name: str, langs: list[str], seed: int) -> di
     return {"langs": langs, "seed": seed, "moe": d, "variant": name}
 
 
-def train_moes(cfg: MoEConfig, langs: list[str], run_dir: Path, ray_cfg, seed: int, fresh: bool = False,
+def train_moes(cfg: MoEConfig, langs: list[str], store: RunStore, ray_cfg, seed: int, fresh: bool = False,
                log=print) -> dict[str, dict]:
     """Train JEET and MoE-CE unless up to date; returns {name: meta} of both (in RUN_DIR/moe/<name>/)."""
     from mome_ray.artifacts import is_complete, read_meta, stage_writer, write_meta
-    from mome_ray.launch import TrainJob, export_checkpoint, fit_many
+    from mome_ray.launch import TrainJob, export_checkpoint, fit_many, run_name
 
-    run_dir = Path(run_dir)
-    check_teacher(cfg, run_dir)
-    out_root = run_dir / "moe"
-    parents = {p: read_meta(run_dir, p)["created"] for p in ("tokenizer", "teacher")}
+    check_teacher(cfg, store)
+    parents = {p: read_meta(store, p)["created"] for p in ("tokenizer", "teacher")}
     configs = {name: variant_config(cfg, name, langs, seed) for name in VARIANTS}
     jobs = []
     for name, common in VARIANTS.items():
-        if (not fresh and is_complete(out_root, name, configs[name])
-                and read_meta(out_root, name)["parents"] == parents):
-            log(f"[moe] {name}: up to date in {out_root / name}, skipped")
+        stage = f"moe/{name}"
+        if not fresh and is_complete(store, stage, configs[name]) and read_meta(store, stage)["parents"] == parents:
+            log(f"[moe] {name}: up to date in {store.uri(stage)}, skipped")
             continue
         loop = {"moe": to_dict(cfg), "langs": langs, "seed": seed, "name": name, "common": common,
-                "tokenizer_dir": str((run_dir / "tokenizer").resolve()),
-                "teacher_dir": str((run_dir / "teacher").resolve())}
-        jobs.append(TrainJob(f"{run_dir.resolve().name}-{name}", train_fn_per_worker, loop, cfg.scaling,
+                "run": store.location}
+        jobs.append(TrainJob(run_name(store, name, loop, parents), train_fn_per_worker, loop, cfg.scaling,
                              cfg.train.keep_checkpoints, fresh))
 
     def export(job, result, resumed: bool) -> None:
         name = job.loop_config["name"]
-        with stage_writer(out_root, name) as out:
+        with stage_writer(store, f"moe/{name}") as out:
             state = export_checkpoint(result, out)
             metrics = {"final": state["history"][-1], "untrained": state["history"][0],
                        "history": state["history"], "trace": state["trace"], "resumed": resumed}
             write_meta(out, f"moe/{name}", configs[name], metrics, parents, seed)
 
-    fit_many(jobs, ray_cfg, run_dir, on_done=export, max_parallel=cfg.max_parallel, log=log)
-    return {name: read_meta(out_root, name) for name in VARIANTS}
+    fit_many(jobs, ray_cfg, store, on_done=export, max_parallel=cfg.max_parallel, log=log)
+    return {name: read_meta(store, f"moe/{name}") for name in VARIANTS}

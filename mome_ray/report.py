@@ -221,16 +221,36 @@ SECTIONS: list[tuple[str, str, Callable]] = [
 ]
 
 
-def write_report(run_dir: str | Path) -> Path:
-    """Write RUN_DIR/report.md and its plots; returns the report's path."""
+# What the report reads: every stage's artifact, and the nested ones (experts, MoE variants).
+REPORT_STAGES = ["corpus", "tokenizer", "teacher", "experts", "experts/*", "sweep_kd", "router", "moe", "moe/*",
+                 "forgetting"]
+
+
+def write_report(run) -> str:
+    """Write RUN_DIR/report.md and its plots (RUN_DIR/plots/) into the run's storage; returns its location."""
+    from mome_ray.artifacts import as_store
+
+    store = as_store(run)
+    if not store.remote and not Path(store.location).is_dir():
+        raise MomeError(f"no run directory '{store.location}'; run 'mome pipeline --config CONFIG' first")
+    if store.meta("corpus") is None and store.remote:
+        raise MomeError(f"no run at '{store.location}' (no corpus artifact); run 'mome pipeline --config CONFIG' "
+                        f"with run_dir={store.location} first")
+    with store.view(REPORT_STAGES) as run_dir:
+        path = _write_report(run_dir, store.name)
+        if store.remote:
+            for png in sorted((run_dir / "plots").glob("*.png")):
+                store.upload(png, f"plots/{png.name}")
+            store.upload(path, "report.md")
+    return store.uri("report.md")
+
+
+def _write_report(run_dir: Path, name: str) -> Path:
     from mome_ray.artifacts import MAKES
 
-    run_dir = Path(run_dir)
-    if not run_dir.is_dir():
-        raise MomeError(f"no run directory '{run_dir}'; run 'mome pipeline --config CONFIG' first")
     plots = run_dir / "plots"
     plots.mkdir(exist_ok=True)
-    parts = [f"# mome-ray report: {run_dir.resolve().name}\n",
+    parts = [f"# mome-ray report: {name}\n",
              "After arXiv 2407.19610 (Mixture of Modular Experts). Every number below is read from this run's "
              "artifacts.\n"]
     for title, stage, section in SECTIONS:

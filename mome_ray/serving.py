@@ -95,37 +95,53 @@ class ServeConfig:
 
 @dataclass
 class ServeSpec:
-    """A run's servable parts: a model directory per backend (experts, common, teacher), router, tokenizer."""
+    """A run's servable parts, as artifacts of its storage: one per backend (experts, common, teacher), the
+    router and the tokenizer. Replicas fetch them from `run` (a URI or an absolute path) on their own node."""
 
-    run_dir: Path
-    backends: dict[str, Path]  # language experts in order, then `common` and `teacher` when present
+    run: str
+    backends: dict[str, str]  # name -> artifact (e.g. "experts/fr"): language experts in order, then common, teacher
     langs: list[str]  # the routable experts
-    router: Path | None
-    tokenizer: Path
+    router: str | None  # the router artifact, e.g. "router"
+    tokenizer: str = "tokenizer"
 
 
-def load_spec(run_dir: str | Path, artifact: str = "moe", teacher: bool = True) -> ServeSpec:
+def load_spec(run, artifact: str = "moe", teacher: bool = True) -> ServeSpec:
     """The MoE artifact RUN_DIR/<artifact>/ple.json (written by `mome moe` / `mome add-expert`) as a ServeSpec."""
-    run_dir = Path(run_dir).resolve()
-    index = run_dir / artifact / "ple.json"
-    if not index.is_file():
+    from mome_ray.artifacts import as_store
+
+    store = as_store(run)
+    index = store.uri(artifact, "ple.json")
+    raw = store.read_bytes(f"{artifact}/ple.json")
+    if raw is None:
         raise MomeError(f"no MoE artifact at '{index}'; run `mome moe --config ...` (or `mome pipeline`) "
                         f"for this run first")
     try:
-        ple = json.loads(index.read_text())
-        experts = {str(k): run_dir / v for k, v in ple["experts"].items()}
+        ple = json.loads(raw)
+        experts = {str(k): str(v) for k, v in ple["experts"].items()}
     except (ValueError, KeyError, TypeError, AttributeError) as e:
         raise MomeError(f"'{index}' is not a valid MoE artifact ({e}); re-run `mome moe`") from None
     langs = [n for n in experts if n != COMMON]
     backends = dict(experts)
-    if teacher and (run_dir / TEACHER / "config.json").is_file():
-        backends[TEACHER] = run_dir / TEACHER
-    for name, d in backends.items():
-        check_model_dir(name, d)
-    router = run_dir / ple["router"] if ple.get("router") else None
+    if teacher and store.meta(TEACHER) is not None:
+        backends[TEACHER] = TEACHER
+    for name, stage in backends.items():
+        check_artifact(store, name, stage)
     if not langs:
         raise MomeError(f"'{index}' lists no language experts")
-    return ServeSpec(run_dir, backends, langs, router, run_dir / "tokenizer")
+    return ServeSpec(store.location, backends, langs, ple.get("router") or None)
+
+
+def check_artifact(store, name: str, stage: str) -> str:
+    """Check a served model artifact (safetensors only); returns its version (the weights' sha256, 12 hex)."""
+    if not store.remote:
+        d = Path(store.location, stage)
+        check_model_dir(name, d)
+        return file_version(d / "model.safetensors")
+    files = (store.meta(stage) or {}).get("files") or {}
+    if "config.json" not in files or "model.safetensors" not in files:
+        raise MomeError(f"expert '{name}': '{store.uri(stage)}' has no config.json + model.safetensors; only "
+                        f"safetensors models are served (distil it again with this version of mome)")
+    return files["model.safetensors"]["sha256"][:12]
 
 
 def check_model_dir(name: str, d: Path) -> None:

@@ -1,11 +1,15 @@
 """The pipeline's stages: each reads its parents through `meta.json` and writes RUN_DIR/<stage>/.
 
 A stage is skipped by `run_pipeline` when its artifact was made with the same config from the same
-parents. Ray is started only by the stages that need it.
+parents. RUN_DIR is a local folder, a shared mount or a URI (`storage.RunStore`). The driver only
+orchestrates: heavy work (corpus extraction, tokenizer training, the router, every evaluation) runs as a
+Ray task with `ray.task_cpus` / `ray.task_gpus` (`cluster.on_cluster`; in-process on a laptop without
+Ray), training runs on Ray Train, and every Ray process fetches the artifacts it reads from the run's storage.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from pathlib import Path
@@ -13,12 +17,13 @@ from pathlib import Path
 import numpy as np
 
 from mome_ray.artifacts import is_complete, read_meta, stage_writer, write_meta
-from mome_ray.cluster import init_ray
+from mome_ray.cluster import in_ray_job, init_ray, on_cluster, resolve_run_dir
 from mome_ray.config import to_dict
 from mome_ray.corpus.build import SPLITS, build_corpus, corpus_sources, print_balance
 from mome_ray.corpus.fetch import fetch_packages
 from mome_ray.langs import resolve_langs
 from mome_ray.settings import Settings
+from mome_ray.storage import RunStore, fetch_tree, is_uri
 from mome_ray.training import perplexity
 
 
@@ -27,8 +32,8 @@ def stage_config(cfg: Settings, stage: str) -> dict:
     return {"langs": cfg.langs, "seed": cfg.seed, stage: to_dict(getattr(cfg, stage))}
 
 
-def parent_stamps(run_dir: Path, parents: list[str]) -> dict[str, str]:
-    return {p: read_meta(run_dir, p)["created"] for p in parents}
+def parent_stamps(run: RunStore, parents: list[str]) -> dict[str, str]:
+    return {p: read_meta(run, p)["created"] for p in parents}
 
 
 def fetch(cfg: Settings, log=print) -> dict[str, str]:
@@ -48,30 +53,54 @@ def _quiet_datasets() -> None:
 
 
 def corpus(cfg: Settings, log=print) -> dict:
-    _quiet_datasets()
-    run_dir = Path(cfg.run_dir)
-    t0 = time.perf_counter()
-    with stage_writer(run_dir, "corpus") as out:
-        manifest = build_corpus(cfg.corpus, cfg.langs, cfg.seed, out, log=log)
-        (out / "manifest.json").write_text(json.dumps(manifest, indent=2, ensure_ascii=False))
-        metrics = {"seconds": round(time.perf_counter() - t0, 1),
-                   "max_over_min": {s: manifest["splits"][s]["max_over_min"] for s in SPLITS}}
-        meta = write_meta(out, "corpus", stage_config(cfg, "corpus"), metrics, {}, cfg.seed)
+    store = resolve_run_dir(cfg.run_dir)
+    corpus_cfg = cfg.corpus
+    if not in_ray_job() and not Path(corpus_cfg.cache_dir).is_absolute():  # a laptop's cache, not a job's copy
+        corpus_cfg = dataclasses.replace(corpus_cfg, cache_dir=str(Path(corpus_cfg.cache_dir).absolute()))
+    if corpus_cfg.user_dir and not is_uri(corpus_cfg.user_dir):
+        corpus_cfg = dataclasses.replace(corpus_cfg, user_dir=str(Path(corpus_cfg.user_dir).absolute()))
+    manifest, meta = on_cluster(_build_corpus, cfg, corpus_cfg, store, log, cpus=max(cfg.ray.task_cpus, 1),
+                                name="corpus")
     print_balance(manifest, log)
     return meta
 
 
+def _build_corpus(cfg: Settings, corpus_cfg, store: RunStore, log) -> tuple[dict, dict]:
+    """The corpus stage's work, on whichever node runs it: fetch the sources, extract, clean, balance, publish."""
+    _quiet_datasets()
+    t0 = time.perf_counter()
+    if corpus_cfg.user_dir and is_uri(corpus_cfg.user_dir):
+        corpus_cfg = dataclasses.replace(corpus_cfg, user_dir=str(fetch_tree(corpus_cfg.user_dir)))
+    if not corpus_cfg.user_dir:
+        fetch(dataclasses.replace(cfg, corpus=corpus_cfg), log)
+    with stage_writer(store, "corpus") as out:
+        manifest = build_corpus(corpus_cfg, cfg.langs, cfg.seed, out, log=log)
+        (out / "manifest.json").write_text(json.dumps(manifest, indent=2, ensure_ascii=False))
+        metrics = {"seconds": round(time.perf_counter() - t0, 1),
+                   "max_over_min": {s: manifest["splits"][s]["max_over_min"] for s in SPLITS}}
+        meta = write_meta(out, "corpus", stage_config(cfg, "corpus"), metrics, {}, cfg.seed)
+    return manifest, meta
+
+
 def tokenizer(cfg: Settings, log=print) -> dict:
+    store = resolve_run_dir(cfg.run_dir)
+    parents = parent_stamps(store, ["corpus"])
+    meta = on_cluster(_train_tokenizer, cfg, store, parents, log, cpus=cfg.ray.task_cpus, name="tokenizer")
+    counts = meta["metrics"]["bpe_tokens"]
+    log(f"vocab {meta['metrics']['vocab_size']}; BPE tokens per language (train): "
+        + ", ".join(f"{lang} {n:,}" for lang, n in counts["train"].items()))
+    return meta
+
+
+def _train_tokenizer(cfg: Settings, store: RunStore, parents: dict, log) -> dict:
     from datasets import load_from_disk
 
     from mome_ray.tokenizer import encode_stream, token_path, train_tokenizer
 
     _quiet_datasets()
-    run_dir = Path(cfg.run_dir)
-    parents = parent_stamps(run_dir, ["corpus"])
-    data = load_from_disk(str(run_dir / "corpus" / "data"))
+    data = load_from_disk(str(store.fetch("corpus") / "data"))
     t0 = time.perf_counter()
-    with stage_writer(run_dir, "tokenizer") as out:
+    with stage_writer(store, "tokenizer") as out:
         log(f"training byte-level BPE ({cfg.tokenizer.vocab_size} tokens) on {len(data['train'])} documents ...")
         tok = train_tokenizer((t for t in data["train"]["text"]), cfg.tokenizer)
         tok.save_pretrained(str(out))
@@ -88,21 +117,17 @@ def tokenizer(cfg: Settings, log=print) -> dict:
                 np.save(path, stream)
                 counts[split][lang] = int(len(stream))
         metrics = {"vocab_size": len(tok), "bpe_tokens": counts, "seconds": round(time.perf_counter() - t0, 1)}
-        meta = write_meta(out, "tokenizer", stage_config(cfg, "tokenizer"), metrics, parents, cfg.seed)
-    log(f"vocab {len(tok)}; BPE tokens per language (train): "
-        + ", ".join(f"{lang} {n:,}" for lang, n in counts["train"].items()))
-    return meta
+        return write_meta(out, "tokenizer", stage_config(cfg, "tokenizer"), metrics, parents, cfg.seed)
 
 
 def teacher(cfg: Settings, fresh: bool = False, log=print) -> dict:
     from mome_ray.teacher import train_teacher
 
-    run_dir = Path(cfg.run_dir)
-    parents = parent_stamps(run_dir, ["tokenizer"])
+    store = resolve_run_dir(cfg.run_dir)
+    parents = parent_stamps(store, ["tokenizer"])
     init_ray(cfg.ray)
-    with stage_writer(run_dir, "teacher") as out:
-        metrics = train_teacher(cfg.teacher, cfg.langs, run_dir / "tokenizer", cfg.ray, run_dir, cfg.seed, out,
-                                fresh=fresh)
+    with stage_writer(store, "teacher") as out:
+        metrics = train_teacher(cfg.teacher, cfg.langs, store, cfg.ray, parents, cfg.seed, out, fresh=fresh)
         meta = write_meta(out, "teacher", stage_config(cfg, "teacher"), metrics, parents, cfg.seed)
     print_perplexity_table(metrics, cfg.langs, log)
     return meta
@@ -122,51 +147,52 @@ def experts(cfg: Settings, fresh: bool = False, log=print) -> dict:
     from mome_ray.distill import distill_students
     from mome_ray.sweeps import markdown_table
 
-    run_dir = Path(cfg.run_dir)
-    parents = parent_stamps(run_dir, ["tokenizer", "teacher"])
+    store = resolve_run_dir(cfg.run_dir)
+    parents = parent_stamps(store, ["tokenizer", "teacher"])
     init_ray(cfg.ray)
-    metas = distill_students(cfg.distill, cfg.langs, run_dir, cfg.ray, cfg.seed, fresh, log)
-    table = expert_table(cfg, list(metas))
-    out = run_dir / "experts"
-    table.to_csv(out / "eval.csv", index=False)
-    (out / "eval.md").write_text(markdown_table(table))
-    metrics = {"students": {name: m["metrics"]["final"] for name, m in metas.items()},
-               "eval": table.to_dict(orient="records")}
-    meta = write_meta(out, "experts", stage_config(cfg, "distill"), metrics, parents, cfg.seed)
+    metas = distill_students(cfg.distill, cfg.langs, store, cfg.ray, cfg.seed, fresh, log)
+    table = on_cluster(expert_table, cfg, store, list(metas), cpus=cfg.ray.task_cpus, gpus=cfg.ray.task_gpus,
+                       name="expert-table")
+    with stage_writer(store, "experts", nested=True) as out:
+        table.to_csv(out / "eval.csv", index=False)
+        (out / "eval.md").write_text(markdown_table(table))
+        metrics = {"students": {name: m["metrics"]["final"] for name, m in metas.items()},
+                   "eval": table.to_dict(orient="records")}
+        meta = write_meta(out, "experts", stage_config(cfg, "distill"), metrics, parents, cfg.seed)
     log("\nvalidation perplexity, every model on the same blocks:\n" + markdown_table(table))
     return meta
 
 
-def expert_table(cfg: Settings, names: list[str]):
-    """Teacher, experts, no-KD students and the multilingual student: one perplexity table."""
+def expert_table(cfg: Settings, store: RunStore, names: list[str]):
+    """Teacher, experts, no-KD students and the multilingual student: one perplexity table (a Ray task)."""
     from mome_ray.evaluation import Row, perplexity_table
 
-    run_dir = Path(cfg.run_dir)
-    out = run_dir / "experts"
-    d = cfg.distill
-    rows = [Row("teacher", {l: run_dir / "teacher" for l in cfg.langs})]
-    experts = {l: out / l for l in cfg.langs if l in names}
-    if experts:
-        rows.append(Row(f"experts (KD {d.kd_loss}, {d.alpha.strategy} alpha)", experts))
-    nokd = {l: out / f"nokd-{l}" for l in cfg.langs if f"nokd-{l}" in names}
-    if nokd:
-        rows.append(Row("no-KD students (CE only)", nokd))
-    if "multilingual" in names:
-        rows.append(Row("multilingual student (KD)", {l: out / "multilingual" for l in cfg.langs}))
-    return perplexity_table(rows, run_dir / "tokenizer", cfg.langs, d.model.n_positions, d.train.eval_blocks)
+    with store.view(["tokenizer", "teacher", "experts/*"]) as run_dir:
+        out = run_dir / "experts"
+        d = cfg.distill
+        rows = [Row("teacher", {l: run_dir / "teacher" for l in cfg.langs})]
+        experts = {l: out / l for l in cfg.langs if l in names}
+        if experts:
+            rows.append(Row(f"experts (KD {d.kd_loss}, {d.alpha.strategy} alpha)", experts))
+        nokd = {l: out / f"nokd-{l}" for l in cfg.langs if f"nokd-{l}" in names}
+        if nokd:
+            rows.append(Row("no-KD students (CE only)", nokd))
+        if "multilingual" in names:
+            rows.append(Row("multilingual student (KD)", {l: out / "multilingual" for l in cfg.langs}))
+        return perplexity_table(rows, run_dir / "tokenizer", cfg.langs, d.model.n_positions, d.train.eval_blocks)
 
 
 def sweep_kd(cfg: Settings, log=print) -> dict:
     """Ray Tune over alpha strategy x KD loss x temperature; results and best config in RUN_DIR/sweep_kd."""
     from mome_ray.kd_sweep import sweep_kd as run_sweep
 
-    run_dir = Path(cfg.run_dir)
-    parents = parent_stamps(run_dir, ["tokenizer", "teacher"])
+    store = resolve_run_dir(cfg.run_dir)
+    parents = parent_stamps(store, ["tokenizer", "teacher"])
     init_ray(cfg.ray)
-    with stage_writer(run_dir, "sweep_kd") as out:
-        metrics = run_sweep(cfg, out, log)
+    with stage_writer(store, "sweep_kd") as out:
+        metrics = run_sweep(cfg, store, parents, out, log)
         meta = write_meta(out, "sweep_kd", stage_config(cfg, "distill"), metrics, parents, cfg.seed)
-    log((run_dir / "sweep_kd" / "results.md").read_text())
+        log((out / "results.md").read_text())
     return meta
 
 
@@ -176,15 +202,19 @@ def _holdout_sources(cfg: Settings) -> set[str]:
 
 def router(cfg: Settings, log=print) -> dict:
     """Train the configured router on the train split; evaluate it on the test split's hard cases."""
+    store = resolve_run_dir(cfg.run_dir)
+    parents = parent_stamps(store, ["corpus", "tokenizer"])
+    meta = on_cluster(_train_router, cfg, store, parents, log, cpus=cfg.ray.task_cpus, name="router")
+    log(f"router saved in {store.uri('router')} (confusion.png beside it)")
+    return meta
+
+
+def _train_router(cfg: Settings, store: RunStore, parents: dict, log) -> dict:
     from mome_ray.router.train import train_router
 
-    run_dir = Path(cfg.run_dir)
-    parents = parent_stamps(run_dir, ["corpus", "tokenizer"])
-    with stage_writer(run_dir, "router") as out:
+    with store.view(["corpus", "tokenizer"]) as run_dir, stage_writer(store, "router") as out:
         metrics = train_router(cfg.router, cfg.langs, run_dir, _holdout_sources(cfg), cfg.seed, out, log)
-        meta = write_meta(out, "router", stage_config(cfg, "router"), metrics, parents, cfg.seed)
-    log(f"router saved in {run_dir / 'router'} (confusion.png beside it)")
-    return meta
+        return write_meta(out, "router", stage_config(cfg, "router"), metrics, parents, cfg.seed)
 
 
 def sweep_router(cfg: Settings, log=print) -> dict:
@@ -192,62 +222,70 @@ def sweep_router(cfg: Settings, log=print) -> dict:
     from mome_ray.cluster import storage_path
     from mome_ray.router.train import sweep_and_train
 
-    run_dir = Path(cfg.run_dir)
-    parents = parent_stamps(run_dir, ["corpus", "tokenizer"])
+    store = resolve_run_dir(cfg.run_dir)
+    parents = parent_stamps(store, ["corpus", "tokenizer"])
     init_ray(cfg.ray)
-    with stage_writer(run_dir, "router") as out:
+    with store.view(["corpus", "tokenizer"]) as run_dir, stage_writer(store, "router") as out:
         metrics = sweep_and_train(cfg.router, cfg.langs, run_dir, _holdout_sources(cfg), cfg.seed, out,
-                                  storage_path(cfg.ray, run_dir), log)
+                                  storage_path(cfg.ray, store), store.location, log)
         # Not the configured router: the pipeline re-runs `router` over it (put the best config in the YAML).
         config = {**stage_config(cfg, "router"), "made_by": "mome sweep router"}
         meta = write_meta(out, "router", config, metrics, parents, cfg.seed)
-    log(f"router (best of the sweep) saved in {run_dir / 'router'}; table in sweep_results.md")
+    log(f"router (best of the sweep) saved in {store.uri('router')}; table in sweep_results.md")
     return meta
-
-
 
 
 def moe(cfg: Settings, fresh: bool = False, log=print) -> dict:
     """Train JEET and MoE-CE (KD on Ray Train), assemble PLE from the experts, run the evaluation grid."""
-    from mome_ray.grid import grid_markdown_frame, run_grid
+    from mome_ray.grid import grid_markdown_frame
     from mome_ray.moe_train import train_moes
     from mome_ray.sweeps import markdown_table
 
-    run_dir, out = Path(cfg.run_dir), Path(cfg.run_dir) / "moe"
-    parents = parent_stamps(run_dir, STAGES["moe"][1])
+    store = resolve_run_dir(cfg.run_dir)
+    parents = parent_stamps(store, STAGES["moe"][1])
     init_ray(cfg.ray)
     t0 = time.perf_counter()
-    metas = train_moes(cfg.moe, cfg.langs, run_dir, cfg.ray, cfg.seed, fresh, log)
+    metas = train_moes(cfg.moe, cfg.langs, store, cfg.ray, cfg.seed, fresh, log)
     t1 = time.perf_counter()
-    grid, routing = run_grid(run_dir, cfg.langs, cfg.moe, min(cfg.moe.model.n_positions,
-                                                              cfg.distill.model.n_positions), log)
-    grid.to_csv(out / "grid.csv", index=False)  # everything: losses, perplexities, exact parameter counts
+    grid, routing = on_cluster(_run_grid, cfg, store, log, cpus=cfg.ray.task_cpus, gpus=cfg.ray.task_gpus,
+                               name="moe-grid")
     shown = markdown_table(grid_markdown_frame(grid))
-    (out / "grid.md").write_text(shown)
-    ple = {"experts": {l: f"experts/{l}" for l in cfg.langs}, "router": "router" if routing == "router" else None}
-    (out / "ple.json").write_text(json.dumps(ple, indent=2))
-    metrics = {"routing": routing, "train_seconds": round(t1 - t0, 1), "grid_seconds": round(time.perf_counter() - t1, 1),
-               "trained": {name: m["metrics"]["final"] for name, m in metas.items()},
-               "grid": grid.to_dict(orient="records")}
-    meta = write_meta(out, "moe", stage_config(cfg, "moe"), metrics, parents, cfg.seed)
+    with stage_writer(store, "moe", nested=True) as out:
+        grid.to_csv(out / "grid.csv", index=False)  # everything: losses, perplexities, exact parameter counts
+        (out / "grid.md").write_text(shown)
+        ple = {"experts": {l: f"experts/{l}" for l in cfg.langs}, "router": "router" if routing == "router" else None}
+        (out / "ple.json").write_text(json.dumps(ple, indent=2))
+        metrics = {"routing": routing, "train_seconds": round(t1 - t0, 1),
+                   "grid_seconds": round(time.perf_counter() - t1, 1),
+                   "trained": {name: m["metrics"]["final"] for name, m in metas.items()},
+                   "grid": grid.to_dict(orient="records")}
+        meta = write_meta(out, "moe", stage_config(cfg, "moe"), metrics, parents, cfg.seed)
     log(f"\nevaluation grid ({routing} routing; perplexity per language, same blocks for every row):\n"
         + shown)
     return meta
+
+
+def _run_grid(cfg: Settings, store: RunStore, log):
+    from mome_ray.grid import run_grid
+
+    with store.view(["tokenizer", "router", "teacher", "experts/*", "moe/*"]) as run_dir:
+        return run_grid(run_dir, cfg.langs, cfg.moe, min(cfg.moe.model.n_positions, cfg.distill.model.n_positions),
+                        log)
 
 
 def forgetting(cfg: Settings, log=print) -> dict:
     """Sequential vs balanced vs MoE training on the same budget: per-language forgetting (Ray Train)."""
     from mome_ray.forgetting import forgetting_study
 
-    run_dir = Path(cfg.run_dir)
-    parents = parent_stamps(run_dir, STAGES["forgetting"][1])
+    store = resolve_run_dir(cfg.run_dir)
+    parents = parent_stamps(store, STAGES["forgetting"][1])
     init_ray(cfg.ray)
     t0 = time.perf_counter()
-    with stage_writer(run_dir, "forgetting") as out:
-        metrics = forgetting_study(cfg.forgetting, cfg.langs, run_dir, cfg.ray, cfg.seed, out, log)
+    with stage_writer(store, "forgetting") as out:
+        metrics = forgetting_study(cfg.forgetting, cfg.langs, store, cfg.ray, parents, cfg.seed, out, log)
         metrics["seconds"] = round(time.perf_counter() - t0, 1)
         meta = write_meta(out, "forgetting", stage_config(cfg, "forgetting"), metrics, parents, cfg.seed)
-    log("\n" + (run_dir / "forgetting" / "forgetting.md").read_text())
+        log("\n" + (out / "forgetting.md").read_text())
     return meta
 
 
@@ -267,17 +305,15 @@ STAGES = {
 
 def run_pipeline(cfg: Settings, force: bool = False, log=print) -> None:
     """Every stage in order (a stage whose artifact matches its config and parents is skipped), then the report."""
-    run_dir = Path(cfg.run_dir)
-    if not cfg.corpus.user_dir:
-        fetch(cfg, log)
+    from mome_ray.report import write_report
+
+    store = resolve_run_dir(cfg.run_dir)
     for name, (fn, parents, section) in STAGES.items():
-        done = is_complete(run_dir, name, stage_config(cfg, section))
-        if done and not force and read_meta(run_dir, name)["parents"] == parent_stamps(run_dir, parents):
-            log(f"== {name}: up to date in {run_dir / name}, skipped")
+        done = is_complete(store, name, stage_config(cfg, section))
+        if done and not force and read_meta(store, name)["parents"] == parent_stamps(store, parents):
+            log(f"== {name}: up to date in {store.uri(name)}, skipped")
             continue
         log(f"== {name}")
         fn(cfg, log=log)
-    log(f"\nrun directory: {run_dir.resolve()}")
-    from mome_ray.report import write_report
-
-    log(f"report: {write_report(run_dir).resolve()}")
+    log(f"\nrun directory: {store.location}")
+    log(f"report: {write_report(store)}")

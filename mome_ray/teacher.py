@@ -16,8 +16,9 @@ from pathlib import Path
 from mome_ray.cluster import RayConfig, ScalingArgs
 from mome_ray.config import from_dict, to_dict
 from mome_ray.data import BalancedBatches, eval_blocks, load_blocks
-from mome_ray.launch import export_checkpoint, fit
+from mome_ray.launch import export_checkpoint, fit, run_name
 from mome_ray.models import ModelConfig, build_gpt2, n_params
+from mome_ray.storage import RunStore
 from mome_ray.tokenizer import load_tokenizer
 from mome_ray.training import Progress, TrainConfig, eval_metrics, evaluate, lm_train_step
 from mome_ray.worker import report, start_run, worker_context
@@ -32,7 +33,8 @@ class TeacherConfig:
 
 def train_fn_per_worker(config: dict) -> None:
     cfg = from_dict(TeacherConfig, config["teacher"])
-    langs, tok_dir, seed, name = config["langs"], Path(config["tokenizer_dir"]), config["seed"], config["name"]
+    langs, seed, name = config["langs"], config["seed"], config["name"]
+    tok_dir = RunStore(config["run"]).fetch("tokenizer")  # this node's copy
     rank, world, device = worker_context(cfg.scaling.cpus_per_worker)
     T = cfg.model.n_positions
 
@@ -70,14 +72,13 @@ def train_fn_per_worker(config: dict) -> None:
             report(run, step + 1, metrics)
 
 
-def train_teacher(cfg: TeacherConfig, langs: list[str], tokenizer_dir: Path, ray_cfg: RayConfig, run_dir: Path,
+def train_teacher(cfg: TeacherConfig, langs: list[str], store: RunStore, ray_cfg: RayConfig, parents: dict,
                   seed: int, out_dir: Path, fresh: bool = False) -> dict:
     """Train the teacher on the cluster and write its model + tokenizer into `out_dir`; returns metrics."""
-    name = f"{Path(run_dir).resolve().name}-teacher"
-    loop_config = {"teacher": to_dict(cfg), "langs": langs, "tokenizer_dir": str(Path(tokenizer_dir).resolve()),
-                   "seed": seed, "name": "teacher"}
-    result, resumed = fit(train_fn_per_worker, loop_config, cfg.scaling, ray_cfg, run_dir, name,
+    loop_config = {"teacher": to_dict(cfg), "langs": langs, "run": store.location, "seed": seed, "name": "teacher"}
+    name = run_name(store, "teacher", loop_config, parents)
+    result, resumed = fit(train_fn_per_worker, loop_config, cfg.scaling, ray_cfg, store, name,
                           cfg.train.keep_checkpoints, fresh)
     history = export_checkpoint(result, out_dir)["history"]
-    load_tokenizer(tokenizer_dir).save_pretrained(str(out_dir))
+    load_tokenizer(store.fetch("tokenizer")).save_pretrained(str(out_dir))
     return {"final": history[-1], "untrained": history[0], "history": history, "resumed": resumed}

@@ -39,7 +39,8 @@ from mome_ray.jeet import COMMON
 from mome_ray.moe import sample_next
 from mome_ray.router.store import INFO as ROUTER_INFO
 from mome_ray.errors import MomeError
-from mome_ray.serving import (TEACHER, GenRequest, ServeConfig, ServedLM, ServeSpec, check_model_dir, file_version,
+from mome_ray.storage import RunStore
+from mome_ray.serving import (TEACHER, GenRequest, ServeConfig, ServedLM, ServeSpec, check_artifact,
                                load_spec)
 from serve.api import (CompletionRequest, ExpertInfo, ExpertsResponse, GenerateRequest, GenerateResponse, Route,
                        RouteRequest, RouteResponse, ScoreRequest, ScoreResponse, Select)
@@ -64,19 +65,22 @@ class Expert:
 
     def __init__(self, name: str, threads: int, config: dict):
         replica_setup(threads)
-        self.name, self.lm = name, None
+        self.name, self.lm, self.source = name, None, None
         batch = serve.batch(max_batch_size=config["max_batch_size"], batch_wait_timeout_s=config["batch_wait_timeout_s"])
         self._score, self._next = batch(self._score_rows), batch(self._next_rows)
         self._generate = batch(self._generate_rows)
         self.reconfigure(config)  # Serve calls it again with the same user_config: a no-op then
 
     def reconfigure(self, config: dict) -> None:
-        """Load `config["model_dir"]` unless this version is already loaded; then swap (a hot update)."""
+        """Load artifact `config["stage"]` of run `config["run"]` (fetched to this replica's node) unless this
+        version is already loaded; then swap (a hot update)."""
         for queue in (self._score, self._next, self._generate):
             queue.set_max_batch_size(config["max_batch_size"])
             queue.set_batch_wait_timeout_s(config["batch_wait_timeout_s"])
-        if self.lm is None or self.lm.version != config["version"] or str(self.lm.model_dir) != config["model_dir"]:
-            self.lm = ServedLM(config["model_dir"])  # requests already running keep the model they hold
+        source = (config["run"], config["stage"])
+        if self.lm is None or self.lm.version != config["version"] or self.source != source:
+            # requests already running keep the model they hold
+            self.lm, self.source = ServedLM(RunStore(config["run"]).fetch(config["stage"])), source
 
     def info(self) -> dict:
         return {"name": self.name, **self.lm.info()}
@@ -125,13 +129,14 @@ class Gateway:
         replica_setup(1)
         self.handles, self.langs, self.kinds = experts, spec["langs"], spec["kinds"]
         self.n_positions, self.limits = spec["n_positions"], from_dict(ServeLimits, spec["limits"])
-        self.tok = load_tokenizer(Path(spec["tokenizer"]))
+        store = RunStore(spec["run"])
+        self.tok = load_tokenizer(store.fetch(spec["tokenizer"]))  # this replica's node's copies
         self.eos = self.tok.eos_token_id
         self.router, self.router_info = None, {"classes": [], "version": None}
         if spec["router"]:
             from mome_ray.router import load_router
 
-            self.router = load_router(Path(spec["router"]))
+            self.router = load_router(store.fetch(spec["router"]))
             missing = [l for l in self.langs if l not in self.router.classes]
             if missing:
                 raise MomeError(f"the router has no class for expert(s) {missing}; retrain it on every language")
@@ -362,8 +367,9 @@ class AppArgs(BaseModel):
 
 
 def resolve(args: AppArgs) -> tuple[ServeConfig, ServeSpec, dict[str, dict]]:
-    """The app's config, the served run, and each expert's user_config: its model dir, the weights' sha256
-    (a new version swaps the expert in place: `Expert.reconfigure`) and its batching options."""
+    """The app's config, the served run, and each expert's user_config: its artifact (run + stage, fetched by
+    the replica on its own node), the weights' sha256 (a new version swaps the expert in place:
+    `Expert.reconfigure`) and its batching options."""
     from mome_ray.settings import load_settings
 
     cfg: ServeConfig = load_settings(args.config or None, args.overrides).serve
@@ -372,10 +378,14 @@ def resolve(args: AppArgs) -> tuple[ServeConfig, ServeSpec, dict[str, dict]]:
     if unknown:
         raise MomeError(f"models: no expert {unknown} in this run; experts: {list(spec.backends)}")
     experts = {}
-    for name, d in spec.backends.items():
-        d, opts = Path(args.models.get(name, d)).resolve(), cfg.expert_args(name)
-        check_model_dir(name, d)
-        experts[name] = {"model_dir": str(d), "version": file_version(d / "model.safetensors"),
+    for name, stage in spec.backends.items():
+        run = spec.run
+        if name in args.models:  # another model folder (a path or URI): its parent is the "run"
+            location = args.models[name].rstrip("/")
+            run, stage = (location.rsplit("/", 1) if "://" in location else
+                          (str(Path(location).absolute().parent), Path(location).name))
+        opts = cfg.expert_args(name)
+        experts[name] = {"run": run, "stage": stage, "version": check_artifact(RunStore(run), name, stage),
                          "max_batch_size": opts.max_batch_size, "batch_wait_timeout_s": opts.batch_wait_timeout_s}
     return cfg, spec, experts
 
@@ -391,13 +401,14 @@ def build_app(args: AppArgs | dict) -> serve.Application:
         handles[name] = Expert.options(**opts.options(f"expert-{name}", cfg.access_log), user_config=user_config).bind(
             name, max(1, round(opts.num_cpus)), user_config)
     kinds = {n: "teacher" if n == TEACHER else "common" if n == COMMON else "language" for n in experts}
+    store = RunStore(spec.run)
     router_version = None
-    if spec.router and (spec.router / ROUTER_INFO).is_file():  # the sha256 the router's loader checks its file by
-        router_version = json.loads((spec.router / ROUTER_INFO).read_text()).get("sha256", "")[:12] or None
-    gateway = {"langs": spec.langs, "kinds": kinds, "tokenizer": str(spec.tokenizer),
-               "router": str(spec.router) if spec.router else None, "router_version": router_version,
+    if spec.router and (info := store.read_bytes(f"{spec.router}/{ROUTER_INFO}")):
+        router_version = json.loads(info).get("sha256", "")[:12] or None  # the sha256 its loader checks it by
+    gateway = {"run": spec.run, "langs": spec.langs, "kinds": kinds, "tokenizer": spec.tokenizer,
+               "router": spec.router, "router_version": router_version,
                "router_batch": cfg.router.max_batch_size, "token": cfg.token(),
                "limits": dataclasses.asdict(cfg.limits),
-               "n_positions": {n: json.loads((Path(u["model_dir"]) / "config.json").read_text())["n_positions"]
+               "n_positions": {n: json.loads(RunStore(u["run"]).read_bytes(f"{u['stage']}/config.json"))["n_positions"]
                                for n, u in experts.items()}}
     return Gateway.options(**cfg.router.options("router", cfg.access_log)).bind(handles, gateway)

@@ -6,7 +6,8 @@
     mome serve runs/small --deploy-config app.yaml && serve deploy app.yaml   # a cluster, hot-updatable
 
 `--deploy-config` writes a `serve deploy` config pinned to the run's current weights: each expert's
-user_config holds its model dir and the weights' sha256. Write and deploy it again after a re-distil:
+user_config holds its artifact (the run's location + stage, fetched by each replica on its own node)
+and the weights' sha256. RUN_DIR may be a URI (`mome serve s3://bucket/runs/small`). Write and deploy it again after a re-distil:
 only the changed experts' user_config differs, so Serve swaps them in place (`Expert.reconfigure`).
 """
 
@@ -17,6 +18,7 @@ import signal
 import time
 from pathlib import Path
 
+from mome_ray.cluster import resolve_run_dir
 from mome_ray.errors import MomeError
 
 APP = "mome"
@@ -34,7 +36,7 @@ def deploy_config(run_dir: str, config: str | None, overrides: list[str], host: 
     """A `serve deploy` config (a dict; YAML on disk) for the run, each expert's user_config pinned."""
     from serve.app import AppArgs, resolve
 
-    args = AppArgs(run_dir=str(Path(run_dir).resolve()), config=str(Path(config).resolve()) if config else "",
+    args = AppArgs(run_dir=resolve_run_dir(run_dir).location, config=str(Path(config).resolve()) if config else "",
                    overrides=list(overrides))
     serve_cfg, _, experts = resolve(args.model_copy(update={"models": models or {}}))
     return {"proxy_location": "HeadOnly",
@@ -66,7 +68,7 @@ def start(run_dir: str, config: str | None, overrides: list[str], host: str | No
     if not is_loopback(host) and not cfg.serve.token():
         raise MomeError(f"refusing to serve on {host} without a token: set $MOME_SERVE_TOKEN or "
                         f"serve.auth_token, or keep the default host 127.0.0.1")
-    app = build_app(AppArgs(run_dir=run_dir, config=config or "", overrides=overrides))
+    app = build_app(AppArgs(run_dir=resolve_run_dir(run_dir).location, config=config or "", overrides=overrides))
     init_ray(cfg.ray)
     serve.start(http_options={"host": host, "port": port})
     log(f"[serve] deploying {run_dir} (router + {cfg.serve.artifact} experts) on http://{host}:{port} ...")

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from pathlib import Path
 
 from mome_ray.errors import MomeError
 from mome_ray.router.model import RouterConfig
@@ -30,7 +29,7 @@ def trial_router_config(base: RouterConfig, config: dict) -> RouterConfig:
                                classifier_params=dict(config.get("classifier_params", {}).get(classifier, {})))
 
 
-def trial_fn(config: dict, base: dict, tokenizer_dir: str, data: tuple) -> None:
+def trial_fn(config: dict, base: dict, run: str, data: tuple) -> None:
     """One trial: fit on (train texts, labels), report the validation metrics."""
     from ray import tune
 
@@ -38,12 +37,13 @@ def trial_fn(config: dict, base: dict, tokenizer_dir: str, data: tuple) -> None:
     from mome_ray.router.evaluate import scores, throughput
     from mome_ray.router.model import fit_router
     from mome_ray.router.store import model_bytes
+    from mome_ray.storage import RunStore
     from mome_ray.tokenizer import load_tokenizer
 
     cfg = trial_router_config(from_dict(RouterConfig, base), config)
     train_x, train_y, val_x, val_y = data
     t0 = time.perf_counter()
-    router = fit_router(cfg, train_x, train_y, load_tokenizer(Path(tokenizer_dir)))
+    router = fit_router(cfg, train_x, train_y, load_tokenizer(RunStore(run).fetch("tokenizer")))  # this node's copy
     fit_s = time.perf_counter() - t0
     s = scores(val_y, router.predict(val_x), router.classes)
     metrics = {f"val_{k}": v for k, v in s.items() if isinstance(v, float)}
@@ -75,12 +75,14 @@ def results_frame(grid, metric: str):
     return df
 
 
-def sweep_router(base: RouterConfig, tokenizer_dir: Path, data: tuple, storage: str, callbacks: list,
-                 log=print):
-    """Run the sweep; returns (the results DataFrame, the best trial's RouterConfig)."""
+def sweep_router(base: RouterConfig, run: str, data: tuple, storage: str, callbacks: list, log=print):
+    """Run the sweep (restored when an interrupted run of the same sweep exists); returns (the results
+    DataFrame, the best trial's RouterConfig)."""
     from ray import tune
 
     from mome_ray.config import to_dict
+    from mome_ray.launch import run_name
+    from mome_ray.storage import RunStore
     from mome_ray.sweeps import load_space, max_concurrent, to_tune
 
     sweep = base.sweep
@@ -88,17 +90,26 @@ def sweep_router(base: RouterConfig, tokenizer_dir: Path, data: tuple, storage: 
     for key in ("features", "classifier"):
         if key not in space:
             raise MomeError(f"search space '{sweep.space}' has no '{key}' entry; see tune_spaces/router.yaml")
-    trainable = tune.with_parameters(trial_fn, base=to_dict(base), tokenizer_dir=str(Path(tokenizer_dir).resolve()),
-                                     data=data)
+    store = RunStore(run)
+    name = run_name(store, "sweep-router", {"base": to_dict(base), "space": space},
+                    {"tokenizer": store.meta("tokenizer")["created"]})
+    path = f"{storage.rstrip('/')}/{name}"
+    trainable = tune.with_resources(tune.with_parameters(trial_fn, base=to_dict(base), run=run, data=data),
+                                    {"CPU": sweep.cpus_per_trial})
     concurrent = max_concurrent(sweep.cpus_per_trial, sweep.max_concurrent)
-    log(f"sweeping '{sweep.space}' ({sweep.num_samples} sample(s) per grid point, {concurrent} trial(s) at once) ...")
-    tuner = tune.Tuner(
-        tune.with_resources(trainable, {"CPU": sweep.cpus_per_trial}),
-        param_space=to_tune(space),
-        tune_config=tune.TuneConfig(metric=sweep.metric, mode="max", num_samples=sweep.num_samples,
-                                    max_concurrent_trials=concurrent),
-        run_config=tune.RunConfig(name="sweep-router", storage_path=storage, callbacks=callbacks, verbose=0),
-    )
+    log(f"sweeping '{sweep.space}' ({sweep.num_samples} sample(s) per grid point, {concurrent} trial(s) at once) "
+        f"into {path} ...")
+    if tune.Tuner.can_restore(path):
+        log(f"restoring the interrupted sweep {name}")
+        tuner = tune.Tuner.restore(path, trainable, resume_errored=True)
+    else:
+        tuner = tune.Tuner(
+            trainable,
+            param_space=to_tune(space),
+            tune_config=tune.TuneConfig(metric=sweep.metric, mode="max", num_samples=sweep.num_samples,
+                                        max_concurrent_trials=concurrent),
+            run_config=tune.RunConfig(name=name, storage_path=storage, callbacks=callbacks, verbose=0),
+        )
     df = results_frame(tuner.fit(), sweep.metric)
     best = trial_router_config(base, df["_config"][0])
     return df.drop(columns="_config"), best

@@ -1,7 +1,7 @@
 """Make the router artifact: build the examples, fit (or sweep, then fit the best), save, evaluate the saved one.
 
     metrics = train_router(cfg.router, cfg.langs, run_dir, holdout_sources, cfg.seed, out_dir)
-    metrics = sweep_and_train(cfg.router, cfg.langs, run_dir, holdout_sources, cfg.seed, out_dir, storage)
+    metrics = sweep_and_train(cfg.router, cfg.langs, run_dir, holdout_sources, cfg.seed, out_dir, storage, run)
 
 The evaluation runs on the router as loaded back from `out_dir`, so the numbers are those of the artifact.
 """
@@ -41,7 +41,7 @@ def train_router(cfg: RouterConfig, langs: list[str], run_dir: Path, holdout: se
 
 
 def sweep_and_train(cfg: RouterConfig, langs: list[str], run_dir: Path, holdout: set[str], seed: int, out: Path,
-                    storage: str, log=print) -> dict:
+                    storage: str, run: str, log=print) -> dict:
     """Sweep on train/val windows, write sweep_results.{csv,md} into `out`, then fit and save the best."""
     from mome_ray.router.sweep import sweep_router
     from mome_ray.sweeps import markdown_table, tracking_callbacks, write_table
@@ -52,7 +52,7 @@ def sweep_and_train(cfg: RouterConfig, langs: list[str], run_dir: Path, holdout:
     train = training_examples(tok, tok_dir, "train", langs, cfg, seed)
     val_cfg = dataclasses.replace(cfg, examples_per_lang=max(2, cfg.examples_per_lang // 4))
     val = training_examples(tok, tok_dir, "val", langs, val_cfg, seed)
-    df, best = sweep_router(cfg, tok_dir, (*train, *val), storage,
+    df, best = sweep_router(cfg, run, (*train, *val), storage,
                             tracking_callbacks(cfg.sweep.mlflow_uri, "sweep-router"), log)
     write_table(df, out, "sweep_results")
     shown = ["features", "classifier", "params", cfg.sweep.metric, "val_f1_weighted", "fit_s", "seq_per_s", "model_kb"]
