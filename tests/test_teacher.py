@@ -50,12 +50,13 @@ def test_killed_run_resumes_with_the_same_command(ray_head, tiny_tokenized, tmp_
     env = {**ray_head["env"], "RAY_ADDRESS": ray_head["address"]}
     first = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                              start_new_session=True)
-    storage = run_dir / "ray_results" / "run-teacher"
+    results = run_dir / "ray_results"  # the Train run: run-teacher-<fingerprint of config and parents>
     deadline = time.time() + 120
     # Kill once Ray Train has registered a checkpoint (its snapshot lists it); a checkpoint folder still
     # being written when the driver dies is not resumable, by design.
-    while time.time() < deadline and not (storage / "checkpoint_manager_snapshot.json").is_file():
+    while time.time() < deadline and not list(results.glob("run-teacher-*/checkpoint_manager_snapshot.json")):
         time.sleep(0.2)
+    [storage] = results.glob("run-teacher-*")
     os.killpg(first.pid, signal.SIGKILL)  # the driver dies mid-run
     first.wait()
     assert list(storage.glob("checkpoint_*")), "no checkpoint was written before the kill"
