@@ -116,16 +116,17 @@ def init_ray(cfg: RayConfig | None = None, temp_dir: str | None = None) -> None:
     )
 
 
-def on_cluster(fn, *args, cpus: float = 1, gpus: float = 0, name: str = ""):
-    """`fn(*args)` as a Ray task holding `cpus`/`gpus` (heavy work stays off the driver's node, which may be
-    a head with no CPUs); a local run without Ray calls it here. Ctrl-C cancels the task."""
+def on_cluster(fn, *args, cpus: float = 1, gpus: float = 0, name: str = "", log=print):
+    """`fn(*args, log=log)` as a Ray task holding `cpus`/`gpus` (heavy work stays off the driver's node, which
+    may be a head with no CPUs); a local run without Ray calls it here. A task logs with `print` (its lines
+    reach the driver); Ctrl-C cancels it."""
     import ray
 
     if not ray.is_initialized() and not os.environ.get("RAY_ADDRESS"):
-        return fn(*args)
+        return fn(*args, log=log)
     init_ray()
     task = ray.remote(fn).options(num_cpus=cpus, num_gpus=gpus, name=name or fn.__name__, max_retries=0)
-    ref = task.remote(*args)
+    ref = task.remote(*args, log=print)
     try:
         return ray.get(ref)
     except KeyboardInterrupt:

@@ -59,13 +59,13 @@ def corpus(cfg: Settings, log=print) -> dict:
         corpus_cfg = dataclasses.replace(corpus_cfg, cache_dir=str(Path(corpus_cfg.cache_dir).absolute()))
     if corpus_cfg.user_dir and not is_uri(corpus_cfg.user_dir):
         corpus_cfg = dataclasses.replace(corpus_cfg, user_dir=str(Path(corpus_cfg.user_dir).absolute()))
-    manifest, meta = on_cluster(_build_corpus, cfg, corpus_cfg, store, log, cpus=max(cfg.ray.task_cpus, 1),
-                                name="corpus")
+    manifest, meta = on_cluster(_build_corpus, cfg, corpus_cfg, store, cpus=max(cfg.ray.task_cpus, 1),
+                                name="corpus", log=log)
     print_balance(manifest, log)
     return meta
 
 
-def _build_corpus(cfg: Settings, corpus_cfg, store: RunStore, log) -> tuple[dict, dict]:
+def _build_corpus(cfg: Settings, corpus_cfg, store: RunStore, log=print) -> tuple[dict, dict]:
     """The corpus stage's work, on whichever node runs it: fetch the sources, extract, clean, balance, publish."""
     _quiet_datasets()
     t0 = time.perf_counter()
@@ -85,14 +85,14 @@ def _build_corpus(cfg: Settings, corpus_cfg, store: RunStore, log) -> tuple[dict
 def tokenizer(cfg: Settings, log=print) -> dict:
     store = resolve_run_dir(cfg.run_dir)
     parents = parent_stamps(store, ["corpus"])
-    meta = on_cluster(_train_tokenizer, cfg, store, parents, log, cpus=cfg.ray.task_cpus, name="tokenizer")
+    meta = on_cluster(_train_tokenizer, cfg, store, parents, cpus=cfg.ray.task_cpus, name="tokenizer", log=log)
     counts = meta["metrics"]["bpe_tokens"]
     log(f"vocab {meta['metrics']['vocab_size']}; BPE tokens per language (train): "
         + ", ".join(f"{lang} {n:,}" for lang, n in counts["train"].items()))
     return meta
 
 
-def _train_tokenizer(cfg: Settings, store: RunStore, parents: dict, log) -> dict:
+def _train_tokenizer(cfg: Settings, store: RunStore, parents: dict, log=print) -> dict:
     from datasets import load_from_disk
 
     from mome_ray.tokenizer import encode_stream, token_path, train_tokenizer
@@ -152,7 +152,7 @@ def experts(cfg: Settings, fresh: bool = False, log=print) -> dict:
     init_ray(cfg.ray)
     metas = distill_students(cfg.distill, cfg.langs, store, cfg.ray, cfg.seed, fresh, log)
     table = on_cluster(expert_table, cfg, store, list(metas), cpus=cfg.ray.task_cpus, gpus=cfg.ray.task_gpus,
-                       name="expert-table")
+                       name="expert-table", log=log)
     with stage_writer(store, "experts", nested=True) as out:
         table.to_csv(out / "eval.csv", index=False)
         (out / "eval.md").write_text(markdown_table(table))
@@ -163,7 +163,7 @@ def experts(cfg: Settings, fresh: bool = False, log=print) -> dict:
     return meta
 
 
-def expert_table(cfg: Settings, store: RunStore, names: list[str]):
+def expert_table(cfg: Settings, store: RunStore, names: list[str], log=print):
     """Teacher, experts, no-KD students and the multilingual student: one perplexity table (a Ray task)."""
     from mome_ray.evaluation import Row, perplexity_table
 
@@ -204,12 +204,12 @@ def router(cfg: Settings, log=print) -> dict:
     """Train the configured router on the train split; evaluate it on the test split's hard cases."""
     store = resolve_run_dir(cfg.run_dir)
     parents = parent_stamps(store, ["corpus", "tokenizer"])
-    meta = on_cluster(_train_router, cfg, store, parents, log, cpus=cfg.ray.task_cpus, name="router")
+    meta = on_cluster(_train_router, cfg, store, parents, cpus=cfg.ray.task_cpus, name="router", log=log)
     log(f"router saved in {store.uri('router')} (confusion.png beside it)")
     return meta
 
 
-def _train_router(cfg: Settings, store: RunStore, parents: dict, log) -> dict:
+def _train_router(cfg: Settings, store: RunStore, parents: dict, log=print) -> dict:
     from mome_ray.router.train import train_router
 
     with store.view(["corpus", "tokenizer"]) as run_dir, stage_writer(store, "router") as out:
@@ -247,8 +247,8 @@ def moe(cfg: Settings, fresh: bool = False, log=print) -> dict:
     t0 = time.perf_counter()
     metas = train_moes(cfg.moe, cfg.langs, store, cfg.ray, cfg.seed, fresh, log)
     t1 = time.perf_counter()
-    grid, routing = on_cluster(_run_grid, cfg, store, log, cpus=cfg.ray.task_cpus, gpus=cfg.ray.task_gpus,
-                               name="moe-grid")
+    grid, routing = on_cluster(_run_grid, cfg, store, cpus=cfg.ray.task_cpus, gpus=cfg.ray.task_gpus,
+                               name="moe-grid", log=log)
     shown = markdown_table(grid_markdown_frame(grid))
     with stage_writer(store, "moe", nested=True) as out:
         grid.to_csv(out / "grid.csv", index=False)  # everything: losses, perplexities, exact parameter counts
@@ -265,7 +265,7 @@ def moe(cfg: Settings, fresh: bool = False, log=print) -> dict:
     return meta
 
 
-def _run_grid(cfg: Settings, store: RunStore, log):
+def _run_grid(cfg: Settings, store: RunStore, log=print):
     from mome_ray.grid import run_grid
 
     with store.view(["tokenizer", "router", "teacher", "experts/*", "moe/*"]) as run_dir:
