@@ -50,8 +50,7 @@ class BalancedBatches:
     def __init__(self, blocks: list[np.ndarray], batch_size: int, seed: int, rank: int = 0, world: int = 1):
         self.blocks, self.batch_size, self.seed, self.rank, self.world = blocks, batch_size, seed, rank, world
         self.per_lang, self.extra = divmod(batch_size, len(blocks))  # q, r
-        self.rotation = np.random.default_rng([seed, len(blocks)]).permutation(len(blocks))  # π
-        self.slot = np.argsort(self.rotation)  # language -> its position in π
+        self.slot = np.random.default_rng([seed, len(blocks)]).permutation(len(blocks))  # language -> its place in π
         self._perms: dict[tuple[int, int], np.ndarray] = {}
 
     @property
