@@ -68,9 +68,6 @@ def stage_steps(cfg: ForgettingConfig, n_langs: int) -> int:
     if steps < 1:
         raise MomeError(f"forgetting.train.max_steps ({cfg.train.max_steps}) is below one step per language "
                         f"({n_langs} languages); raise it")
-    if cfg.train.batch_size % n_langs:
-        raise MomeError(f"forgetting.train.batch_size ({cfg.train.batch_size}) must be a multiple of the number "
-                        f"of languages ({n_langs}): the balanced regime splits each batch evenly")
     return steps
 
 

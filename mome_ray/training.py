@@ -21,7 +21,7 @@ from mome_ray.errors import MomeError
 
 @dataclass
 class TrainConfig:
-    batch_size: int = 16  # sequences per worker per step; a multiple of the number of languages
+    batch_size: int = 16  # sequences per worker per step, shared equally by the languages (data.BalancedBatches)
     max_steps: int = 500  # optimizer steps
     lr: float = 1e-3  # the paper: 5e-5 for its 0.34B teacher; small models train faster with more
     warmup_frac: float = 0.05  # linear warmup over this share of steps, then linear decay to 0

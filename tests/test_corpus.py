@@ -117,3 +117,18 @@ def test_a_new_language_is_configuration(tmp_path):
     cfg = CorpusConfig(user_dir=str(tmp_path), stopwords={"xq": ["zo", "ka", "lu"]}, val_frac=0.2, test_frac=0.2)
     manifest = build_corpus(cfg, ["xq"], 0, tmp_path / "out", log=lambda *a: None)
     assert manifest["splits"]["train"]["xq"]["docs"] > 10
+
+
+def test_code_languages_come_from_the_config(tmp_path):
+    """A second programming language (corpus.code_langs) from .jsonl keeps its indentation end to end."""
+    (tmp_path / "js").mkdir()
+    rows = [f"function f{i}(x) {{\n  if (x > {i}) {{\n    return x;\n  }}\n  return {i};\n}}\n" for i in range(40)]
+    (tmp_path / "js" / "a.jsonl").write_text("".join(json.dumps({"text": r}) + "\n" for r in rows))
+    cfg = CorpusConfig(user_dir=str(tmp_path), code_langs=["py", "js"], val_frac=0.2, test_frac=0.2)
+    build_corpus(cfg, ["js"], 0, tmp_path / "out", log=lambda *a: None)
+    from datasets import load_from_disk
+
+    texts = load_from_disk(str(tmp_path / "out" / "data"))["train"]["text"]
+    assert len(texts) > 10 and all(t.strip("\n") + "\n" in rows for t in texts)  # verbatim, indentation kept
+    with pytest.raises(MomeError, match="unknown language 'js'.*corpus.code_langs"):
+        build_corpus(CorpusConfig(user_dir=str(tmp_path)), ["js"], 0, tmp_path / "out2", log=lambda *a: None)

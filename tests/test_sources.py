@@ -20,6 +20,7 @@ import pytest
 from mome_ray.corpus import fetch, markup
 from mome_ray.corpus.sources import EXTRACTORS, Document, SourceConfig, extract_source, package_root
 from mome_ray.errors import MomeError
+from mome_ray.langs import Lang
 
 
 def fake_package(cache: Path, name: str, files: dict[str, str | bytes], version: str = "1.0-1") -> Path:
@@ -359,6 +360,15 @@ def test_folder_reads_txt_py_jsonl(tmp_path):
         "sub/b.jsonl#3": "Encore un.",
         "sub/c.py": "def f():\n    return  1\n",  # code keeps its whitespace
     }
+
+
+def test_folder_rows_keep_their_whitespace_only_in_a_code_language(tmp_path):
+    """.jsonl rows do not say whether they are code: the language's `is_code` (corpus.code_langs) does."""
+    code = "function f(x) {\n    if (x) {\n        return  1;\n    }\n}\n"
+    (tmp_path / "a.jsonl").write_text(json.dumps({"text": code}) + "\n")
+    src = SourceConfig("user-js", "js", "folder", path=str(tmp_path))
+    assert extract_source(src, Path("/nonexistent"), Lang("js", is_code=True))[0].text == code
+    assert extract_source(src, Path("/nonexistent"))[0].text == "function f(x) {\nif (x) {\nreturn 1;\n}\n}"
 
 
 def test_folder_reads_parquet(tmp_path):

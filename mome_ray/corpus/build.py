@@ -75,7 +75,7 @@ def corpus_sources(cfg: CorpusConfig, langs: list[Lang]) -> list[SourceConfig]:
 def _extract_and_clean(src: SourceConfig, cache_dir: str, lang: Lang, lists, min_words: int):
     """Worker-process job: a source's documents, cleaned (dedup happens later, in order)."""
     t0 = time.perf_counter()
-    docs = extract_source(src, Path(cache_dir))
+    docs = extract_source(src, Path(cache_dir), lang)
     raw_bytes = sum(len(d.text.encode()) for d in docs)
     cleaned = [Document(d.source, d.doc_id, clean_text(d.text, lang, lists, min_words)) for d in docs]
     return cleaned, {"docs_raw": len(docs), "bytes_raw": raw_bytes, "seconds": round(time.perf_counter() - t0, 1)}

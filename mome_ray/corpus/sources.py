@@ -3,9 +3,11 @@ or the Python standard library) into plain-text `Document`s.
 
 A source is configured by a `SourceConfig` (name, language, kind, packages, ...); `extract_source`
 checks that its packages were fetched (`mome corpus fetch`) and dispatches on `kind` to a function
-in `EXTRACTORS`. Markup-specific cleaning lives in `markup.py`.
+in `EXTRACTORS`, which gets the source, the fetch cache and the source's resolved `Lang` (whether it is a
+programming language comes from `corpus.code_langs`). Markup-specific cleaning lives in `markup.py`.
 
     docs = extract_source(SourceConfig("fortunes-de", "de", "fortunes", ["fortunes-de"]), cache_dir)
+    docs = extract_source(SourceConfig("user-js", "js", "folder", path="data/js"), cache_dir, Lang("js", True))
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from typing import Callable
 from mome_ray.corpus import markup
 from mome_ray.corpus.fetch import MARKER, package_root
 from mome_ray.errors import MomeError
+from mome_ray.langs import Lang
 
 __all__ = ["SourceConfig", "Document", "EXTRACTORS", "extract_source", "package_root"]
 
@@ -48,8 +51,14 @@ class Document:
     text: str  # plain NFC text, one paragraph / sentence-like unit per line
 
 
-def extract_source(src: SourceConfig, cache_dir: Path) -> list[Document]:
-    """Extract every document of `src` from the packages fetched into `cache_dir`."""
+def extract_source(src: SourceConfig, cache_dir: Path, lang: Lang | None = None) -> list[Document]:
+    """Extract every document of `src` from the packages fetched into `cache_dir`.
+
+    `lang`: the source's language as `langs.resolve_langs` made it from the config (None: a natural
+    language). Text whose format does not say whether it is code (.jsonl/.parquet rows of the folder kind)
+    keeps its whitespace only when `lang.is_code`.
+    """
+    lang = lang or Lang(src.lang, is_code=False)
     if src.kind not in EXTRACTORS:
         raise MomeError(f"source '{src.name}' has unknown kind '{src.kind}'; known kinds: {', '.join(sorted(EXTRACTORS))}")
     for package in src.packages:
@@ -58,7 +67,7 @@ def extract_source(src: SourceConfig, cache_dir: Path) -> list[Document]:
                 f"source '{src.name}' needs Debian package '{package}', which is not in {cache_dir}; "
                 "run 'mome corpus fetch --config CONFIG'"
             )
-    docs = [d for d in EXTRACTORS[src.kind](src, Path(cache_dir)) if d.text]
+    docs = [d for d in EXTRACTORS[src.kind](src, Path(cache_dir), lang) if d.text]
     if not docs:
         raise MomeError(f"source '{src.name}' (kind '{src.kind}') yielded no documents; looked in {_where(src, cache_dir)}")
     return docs
@@ -86,7 +95,7 @@ def _read(path: Path) -> str:
 LITTRE_DROP = {"HISTORIQUE", "ÉTYMOLOGIE"}  # Old French and Latin quotations, not modern French
 
 
-def extract_stardict(src: SourceConfig, cache_dir: Path) -> list[Document]:
+def extract_stardict(src: SourceConfig, cache_dir: Path, lang: Lang) -> list[Document]:
     docs = []
     for pkg in src.packages:
         for idx_path in _files(package_root(cache_dir, pkg), "usr/share/stardict/dic/*.idx"):
@@ -114,7 +123,7 @@ def _stardict_index(idx: bytes) -> list[tuple[str, int, int]]:
 # --- manpages --------------------------------------------------------------------------------------
 
 
-def extract_manpages(src: SourceConfig, cache_dir: Path) -> list[Document]:
+def extract_manpages(src: SourceConfig, cache_dir: Path, lang: Lang) -> list[Document]:
     """One document per man page of the locale ("" = English under usr/share/man/man*/)."""
     pages: dict[str, Path] = {}
     for pkg in src.packages:
@@ -142,7 +151,7 @@ LIBREOFFICE_DROP = [
 ]
 
 
-def extract_libreoffice_help(src: SourceConfig, cache_dir: Path) -> list[Document]:
+def extract_libreoffice_help(src: SourceConfig, cache_dir: Path, lang: Lang) -> list[Document]:
     docs = []
     for pkg in src.packages:
         root = package_root(cache_dir, pkg) / "usr/share/libreoffice/help" / src.locale
@@ -162,7 +171,7 @@ _NUMBER = r"(?:[0-9]+|[A-Z])(?:\.[0-9]+)*\."  # "1.", "3.2.", "A.1."
 _HEADING = re.compile(rf"^(?:(\w+)\s)?({_NUMBER})\s\S")
 
 
-def extract_debian_reference(src: SourceConfig, cache_dir: Path) -> list[Document]:
+def extract_debian_reference(src: SourceConfig, cache_dir: Path, lang: Lang) -> list[Document]:
     docs = []
     for pkg in src.packages:
         for path in _files(package_root(cache_dir, pkg), "usr/share/debian-reference/*.txt.gz"):
@@ -203,7 +212,7 @@ def _is_toc(block: list[str]) -> bool:
 # --- gnome_help ------------------------------------------------------------------------------------
 
 
-def extract_gnome_help(src: SourceConfig, cache_dir: Path) -> list[Document]:
+def extract_gnome_help(src: SourceConfig, cache_dir: Path, lang: Lang) -> list[Document]:
     docs = []
     for pkg in src.packages:
         root = package_root(cache_dir, pkg) / "usr/share/help" / src.locale
@@ -219,7 +228,7 @@ def extract_gnome_help(src: SourceConfig, cache_dir: Path) -> list[Document]:
 FORTUNE_SKIP = {"art", "ascii-art", "asciiart"}
 
 
-def extract_fortunes(src: SourceConfig, cache_dir: Path) -> list[Document]:
+def extract_fortunes(src: SourceConfig, cache_dir: Path, lang: Lang) -> list[Document]:
     docs = []
     for pkg in src.packages:
         root = package_root(cache_dir, pkg) / "usr/share/games/fortunes"
@@ -236,7 +245,7 @@ def extract_fortunes(src: SourceConfig, cache_dir: Path) -> list[Document]:
 # --- sword: a zText Bible module -------------------------------------------------------------------
 
 
-def extract_sword(src: SourceConfig, cache_dir: Path) -> list[Document]:
+def extract_sword(src: SourceConfig, cache_dir: Path, lang: Lang) -> list[Document]:
     """One document per chapter ("Gen.1"); a book's title and introduction are "Gen.0"."""
     docs = []
     for pkg in src.packages:
@@ -287,7 +296,7 @@ def _chapters(osis: str) -> list[tuple[str, str]]:
 STDLIB_SKIP = {"test", "tests", "idle_test", "encodings", "pydoc_data", "site-packages", "lib-dynload"}
 
 
-def extract_python_stdlib(src: SourceConfig, cache_dir: Path) -> list[Document]:
+def extract_python_stdlib(src: SourceConfig, cache_dir: Path, lang: Lang) -> list[Document]:
     root = Path(sysconfig.get_paths()["stdlib"])
     paths = []
     for folder, subfolders, names in os.walk(root):
@@ -299,10 +308,9 @@ def extract_python_stdlib(src: SourceConfig, cache_dir: Path) -> list[Document]:
 # --- folder: the user's own data -------------------------------------------------------------------
 
 FOLDER_SUFFIXES = (".txt", ".py", ".jsonl", ".parquet")
-CODE_LANGS = {"py"}  # languages whose text keeps its whitespace
 
 
-def extract_folder(src: SourceConfig, cache_dir: Path) -> list[Document]:
+def extract_folder(src: SourceConfig, cache_dir: Path, lang: Lang) -> list[Document]:
     root = Path(src.path)
     if not root.is_dir():
         raise MomeError(f"corpus dir '{src.path}' of source '{src.name}' does not exist; set 'path' to a folder of text")
@@ -319,12 +327,13 @@ def extract_folder(src: SourceConfig, cache_dir: Path) -> list[Document]:
             docs += [Document(src.name, f"{rel}#{i}", markup.prose_text(b.split("\n"))) for i, b in enumerate(blocks)]
         else:
             rows = _jsonl_texts(path) if path.suffix == ".jsonl" else _parquet_texts(path)
-            docs += [Document(src.name, f"{rel}#{i}", _user_text(text, src)) for i, text in rows]
+            docs += [Document(src.name, f"{rel}#{i}", _user_text(text, lang)) for i, text in rows]
     return docs
 
 
-def _user_text(text: str, src: SourceConfig) -> str:
-    return markup.code_text(text) if src.lang in CODE_LANGS else markup.prose_text(markup.code_text(text).split("\n"))
+def _user_text(text: str, lang: Lang) -> str:
+    """A .jsonl/.parquet row: verbatim in a code language (corpus.code_langs), else one prose line per line."""
+    return markup.code_text(text) if lang.is_code else markup.prose_text(markup.code_text(text).split("\n"))
 
 
 def _jsonl_texts(path: Path) -> list[tuple[int, str]]:
@@ -354,7 +363,7 @@ def _parquet_texts(path: Path) -> list[tuple[int, str]]:
     return [(i, t) for i, t in enumerate(table.column("text").to_pylist()) if t]
 
 
-EXTRACTORS: dict[str, Callable[[SourceConfig, Path], list[Document]]] = {
+EXTRACTORS: dict[str, Callable[[SourceConfig, Path, Lang], list[Document]]] = {
     "stardict": extract_stardict,
     "manpages": extract_manpages,
     "libreoffice_help": extract_libreoffice_help,
