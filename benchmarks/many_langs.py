@@ -134,8 +134,9 @@ def main() -> None:
     stage("router", lambda: stages.router(cfg, log=quiet))
 
     from mome_ray.moe_train import train_moes
+    from mome_ray.storage import RunStore
 
-    stage("JEET + MoE-CE (Ray Train)", lambda: train_moes(cfg.moe, cfg.langs, run_dir, cfg.ray, cfg.seed, log=quiet))
+    stage("JEET + MoE-CE (Ray Train)", lambda: train_moes(cfg.moe, cfg.langs, RunStore(run_dir), cfg.ray, cfg.seed, log=quiet))
     result = {}
     stage("JEET eval through the router", lambda: result.update(jeet_through_router(cfg)))
     sampler.stop()

@@ -20,6 +20,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from mome_ray.storage import RunStore  # noqa: E402
 from mome_ray.cluster import RayConfig, ScalingArgs, init_ray  # noqa: E402
 from mome_ray.config import to_dict  # noqa: E402
 from mome_ray.data import BalancedBatches, load_blocks  # noqa: E402
@@ -74,9 +75,9 @@ def main() -> None:
     init_ray(RayConfig())
     scaling = ScalingArgs(num_workers=1, cpus_per_worker=args.threads)
     s.teacher.scaling = scaling
-    loop_config = {"teacher": to_dict(s.teacher), "langs": s.langs, "tokenizer_dir": str(tok_dir.resolve()),
+    loop_config = {"teacher": to_dict(s.teacher), "langs": s.langs, "run": RunStore(args.run_dir).location,
                    "seed": s.seed, "name": "bench"}
-    result, _ = fit(train_fn_per_worker, loop_config, scaling, RayConfig(), Path(args.run_dir), "bench-throughput",
+    result, _ = fit(train_fn_per_worker, loop_config, scaling, RayConfig(), RunStore(args.run_dir), "bench-throughput",
                     keep=1, fresh=True)
     ray_tps = result.metrics["tokens_per_s"]
     ray_wall = time.perf_counter() - t0

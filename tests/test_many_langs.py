@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from mome_ray.storage import RunStore
 from mome_ray import stages
 from mome_ray.corpus.synthetic import lang_codes, write_languages
 from mome_ray.data import eval_blocks, load_blocks
@@ -39,7 +40,7 @@ def many(ray_head, tmp_path_factory):
     quiet = lambda *a: None  # noqa: E731
     for stage in (stages.corpus, stages.tokenizer, stages.teacher, stages.router):
         stage(cfg, log=quiet)
-    moes = train_moes(cfg.moe, cfg.langs, Path(cfg.run_dir), cfg.ray, cfg.seed, log=quiet)
+    moes = train_moes(cfg.moe, cfg.langs, RunStore(cfg.run_dir), cfg.ray, cfg.seed, log=quiet)
     return cfg, moes
 
 
