@@ -122,7 +122,7 @@ def load_spec(run, artifact: str = "moe", teacher: bool = True) -> ServeSpec:
         raise MomeError(f"'{index}' is not a valid MoE artifact ({e}); re-run `mome moe`") from None
     langs = [n for n in experts if n != COMMON]
     backends = dict(experts)
-    if teacher and store.meta(TEACHER) is not None:
+    if teacher and (store.exists(f"{TEACHER}/config.json")):
         backends[TEACHER] = TEACHER
     for name, stage in backends.items():
         check_artifact(store, name, stage)

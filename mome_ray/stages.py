@@ -202,9 +202,13 @@ def _holdout_sources(cfg: Settings) -> set[str]:
 
 def router(cfg: Settings, log=print) -> dict:
     """Train the configured router on the train split; evaluate it on the test split's hard cases."""
+    from mome_ray.router.evaluate import summary_lines
+
     store = resolve_run_dir(cfg.run_dir)
     parents = parent_stamps(store, ["corpus", "tokenizer"])
     meta = on_cluster(_train_router, cfg, store, parents, cpus=cfg.ray.task_cpus, name="router", log=log)
+    for line in summary_lines(meta["metrics"]):
+        log(line)
     log(f"router saved in {store.uri('router')} (confusion.png beside it)")
     return meta
 
@@ -220,6 +224,7 @@ def _train_router(cfg: Settings, store: RunStore, parents: dict, log=print) -> d
 def sweep_router(cfg: Settings, log=print) -> dict:
     """Ray Tune over features x classifiers; the best pipeline becomes the router artifact."""
     from mome_ray.cluster import storage_path
+    from mome_ray.router.evaluate import summary_lines
     from mome_ray.router.train import sweep_and_train
 
     store = resolve_run_dir(cfg.run_dir)
@@ -231,6 +236,8 @@ def sweep_router(cfg: Settings, log=print) -> dict:
         # Not the configured router: the pipeline re-runs `router` over it (put the best config in the YAML).
         config = {**stage_config(cfg, "router"), "made_by": "mome sweep router"}
         meta = write_meta(out, "router", config, metrics, parents, cfg.seed)
+    for line in summary_lines(metrics):
+        log(line)
     log(f"router (best of the sweep) saved in {store.uri('router')}; table in sweep_results.md")
     return meta
 

@@ -12,7 +12,7 @@ import dataclasses
 import time
 from pathlib import Path
 
-from mome_ray.router.evaluate import evaluate_router, summary_lines
+from mome_ray.router.evaluate import evaluate_router
 from mome_ray.router.examples import test_cases, training_examples
 from mome_ray.router.model import RouterConfig, fit_router
 from mome_ray.router.store import load_router, save_router
@@ -35,8 +35,6 @@ def train_router(cfg: RouterConfig, langs: list[str], run_dir: Path, holdout: se
     metrics.update({"features": cfg.features, "feature_params": cfg.feature_params, "classifier": cfg.classifier,
                     "classifier_params": cfg.classifier_params, "train_examples": len(texts),
                     "fit_seconds": round(fit_s, 2), "model_bytes": info["bytes"]})
-    for line in summary_lines(metrics):
-        log(line)
     return metrics
 
 
