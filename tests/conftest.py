@@ -147,7 +147,7 @@ def ray_head():
            f"--port={port}", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", f"--temp-dir={temp_dir}",
            f"--ray-client-server-port={client}", f"--dashboard-agent-listen-port={agent}", "--num-cpus=2",
            "--include-dashboard=true", "--disable-usage-stats"]
-    subprocess.run(cmd, check=True, env=env, capture_output=True)
+    subprocess.run(cmd, check=True, env=env, capture_output=True, timeout=180)
     import ray
 
     address = f"127.0.0.1:{port}"
