@@ -54,6 +54,31 @@ def test_tasks_run_on_node_2_which_sees_s3_but_not_the_drivers_files(two_node_cl
     assert read.stdout.strip() == "from node 2", read.stderr[-2000:]
 
 
+JOB = """
+import ray
+
+ray.init()
+head = ray.get_runtime_context().get_node_id()
+
+@ray.remote(num_cpus=1)
+def task():
+    return ray.get_runtime_context().get_node_id(), open("shipped.txt").read()  # cwd: the job's working dir
+
+node, text = ray.get(task.remote(), timeout=120)
+print("RESULT", node != head, text)
+"""
+
+
+def test_a_submitted_job_ships_its_working_dir_to_node_2(two_node_cluster, tmp_path):
+    """`ray job submit --working-dir`: the folder lives where node 2 cannot see it; Ray ships it there."""
+    c = two_node_cluster
+    (tmp_path / "job.py").write_text(JOB)
+    (tmp_path / "shipped.txt").write_text("shipped")
+    run = subprocess.run(["ray", "job", "submit", "--address", c.dashboard, "--working-dir", str(tmp_path), "--",
+                          "python", "job.py"], env=c.env, capture_output=True, text=True, timeout=180)
+    assert run.returncode == 0 and "RESULT True shipped" in run.stdout, (run.stdout + run.stderr)[-3000:]
+
+
 CONNECT = """
 import sys, ray
 ray.init(address=sys.argv[1], logging_level="ERROR")
