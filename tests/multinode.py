@@ -32,6 +32,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent  # the venv's bin: `ray`, `moto_server`, `mome`
 BUCKET = "mome"
@@ -94,12 +96,14 @@ def two_node_cluster(basetemp: Path, stop_cluster) -> Iterator[TwoNodeCluster]:
     `basetemp` is pytest's tmp root (hidden from node 2); `stop_cluster(temp_dir, port)` kills a head's
     process tree (conftest's `_stop_cluster`).
     """
+    # Not a skip: a suite that silently drops its multi-node tests would pass without proving anything.
     if shutil.which("unshare") is None:
-        raise RuntimeError("the two-node cluster needs `unshare` (util-linux) to give node 2 its own mounts")
+        pytest.fail("the two-node cluster needs `unshare` (util-linux) to give node 2 its own mounts",
+                    pytrace=False)
     probe = subprocess.run(["unshare", "-m", "true"], capture_output=True, text=True, timeout=30)
     if probe.returncode != 0:
-        raise RuntimeError(f"`unshare -m` is not permitted here ({probe.stderr.strip()}): the two-node cluster "
-                           "test needs root or CAP_SYS_ADMIN; run the suite as root (CI does)")
+        pytest.fail(f"`unshare -m` is not permitted here ({probe.stderr.strip()}): the two-node cluster tests "
+                    "need root (or CAP_SYS_ADMIN); run the suite as root, as CI does", pytrace=False)
 
     head_tmp = tempfile.mkdtemp(prefix="mrc", dir="/tmp")  # short: Ray's socket paths have a length limit
     node2_tmp = f"{head_tmp}/n2"  # made inside node 2's tmpfs over head_tmp: the head never sees it
@@ -149,7 +153,7 @@ def two_node_cluster(basetemp: Path, stop_cluster) -> Iterator[TwoNodeCluster]:
             raise RuntimeError(f"the head did not start:\n{out.stdout[-2000:]}\n{out.stderr[-2000:]}")
 
         # --- node 2, in its own mount namespace (private propagation: the mounts stay in there)
-        mounts = " && ".join(f"mount -t tmpfs tmpfs {shlex.quote(d)}" for d in hidden)
+        mounts = " && ".join(f"mkdir -p {d} && mount -t tmpfs tmpfs {d}" for d in map(shlex.quote, hidden))
         node2 = [str(BIN / "ray"), "start", f"--address=127.0.0.1:{gcs}", "--node-ip-address=127.0.0.1",
                  "--num-cpus=2", f"--temp-dir={node2_tmp}", f"--dashboard-agent-listen-port={agent2}",
                  f"--runtime-env-agent-port={rt_agent2}", "--disable-usage-stats", "--block"]
