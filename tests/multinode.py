@@ -134,9 +134,11 @@ def two_node_cluster(basetemp: Path, stop_cluster) -> Iterator[TwoNodeCluster]:
     node2_env = {**env, "MOME_CACHE_DIR": f"{node2_tmp}/cache"}
 
     procs: list[subprocess.Popen] = []
+    logs = []  # moto's and node 2's output, in head_tmp (removed at the end)
     try:
         # --- S3 on loopback
         s3_log = open(f"{head_tmp}/moto.log", "w")
+        logs.append(s3_log)
         procs.append(subprocess.Popen([str(BIN / "moto_server"), "-H", "127.0.0.1", "-p", str(s3_port)], env=env,
                                       stdout=s3_log, stderr=subprocess.STDOUT, start_new_session=True))
         _wait_http(env["AWS_ENDPOINT_URL"], timeout=60)
@@ -159,6 +161,7 @@ def two_node_cluster(basetemp: Path, stop_cluster) -> Iterator[TwoNodeCluster]:
                  f"--runtime-env-agent-port={rt_agent2}", "--disable-usage-stats", "--block"]
         script = f"{mounts} && mkdir -p {node2_tmp}/cache && exec {shlex.join(node2)}"
         node2_log = open(f"{head_tmp}/node2.log", "w")  # opened before the mounts: the head can read it
+        logs.append(node2_log)
         procs.append(subprocess.Popen(["unshare", "-m", "--propagation", "private", "sh", "-c", script],
                                       env=node2_env, stdout=node2_log, stderr=subprocess.STDOUT,
                                       start_new_session=True))
@@ -174,4 +177,6 @@ def two_node_cluster(basetemp: Path, stop_cluster) -> Iterator[TwoNodeCluster]:
         stop_cluster(head_tmp, gcs)  # node 2's processes name head_tmp/n2 or the GCS address: they go too
         for p in procs:
             _kill_group(p)
+        for f in logs:
+            f.close()
         shutil.rmtree(head_tmp, ignore_errors=True)
