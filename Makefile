@@ -1,11 +1,11 @@
 # make demo: set up everything, then run the pipeline on the `small` preset.
-# make test: set up if needed, then run the test suite.
+# make test: set up if needed, then run the test suite (make test-fast: the unit tests only).
 PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
 PRESET ?= small
 
-.PHONY: demo test venv clean bench
+.PHONY: demo test test-fast venv clean bench
 
 venv: $(VENV)/.installed
 
@@ -19,9 +19,16 @@ demo: venv
 	PATH=$(CURDIR)/$(VENV)/bin:$$PATH $(PY) -m mome_ray.cli pipeline --config configs/$(PRESET).yaml
 
 # pytest exits 5 when it collected no test: that is a failure, said out loud.
+# test: everything (CI; the `cluster` tests need root). test-fast: the unit tests only, under a minute.
+PYTEST = PATH=$(CURDIR)/$(VENV)/bin:$$PATH $(PY) -m pytest -q
+
 test: venv
-	PATH=$(CURDIR)/$(VENV)/bin:$$PATH $(PY) -m pytest -q $(PYTEST_ARGS); rc=$$?; \
+	$(PYTEST) $(PYTEST_ARGS); rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "make test: pytest collected no tests" >&2; fi; exit $$rc
+
+test-fast: venv
+	$(PYTEST) -m unit $(PYTEST_ARGS); rc=$$?; \
+	if [ $$rc -eq 5 ]; then echo "make test-fast: pytest collected no tests" >&2; fi; exit $$rc
 
 bench: venv
 	$(PY) benchmarks/train_throughput.py

@@ -1,8 +1,11 @@
-"""Where jobs run: connect to `RAY_ADDRESS` when set, else start a local Ray cluster on loopback.
+"""Where jobs run: connect to `RAY_ADDRESS` when set, else start a local, single-node Ray cluster.
 
-Ray listens on every interface by default; `RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0` made every Ray
-listener bind 127.0.0.1 on these machines (DESIGN.md). Env vars are set before Ray starts so the raylet
-and all workers inherit them.
+Security: Ray's own services (GCS, raylet, workers, dashboard agent) listen on every interface whatever
+the node IP says; only the dashboard and Serve's HTTP proxy are put on 127.0.0.1 here. Ray's token
+authentication is what keeps other machines out: leave it on (never set `RAY_AUTH_MODE=disabled` outside a
+test). `RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0` does NOT bind Ray to loopback; it only forbids other nodes
+from joining, which suits the local cluster started here and is never set when connecting to RAY_ADDRESS.
+Env vars are set before Ray starts so the raylet and all workers inherit them.
 """
 
 from __future__ import annotations
@@ -14,13 +17,16 @@ from pathlib import Path
 from mome_ray.errors import MomeError
 from mome_ray.storage import RunStore, is_uri
 
-LOCAL_ENV = {
-    "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
+ENV = {  # set (unless already set) for every driver, local or connecting
     "RAY_USAGE_STATS_ENABLED": "0",
     "HF_HUB_OFFLINE": "1",
     "TOKENIZERS_PARALLELISM": "false",
     "RAY_TRAIN_ENABLE_V2_MIGRATION_WARNINGS": "0",
     "RAY_TRAIN_ENABLE_PRINT_PATCH": "0",  # else Train tees every print through its logger: lines twice
+}
+LOCAL_ENV = {  # only for a local cluster started by init_ray: no other node may join it
+    **ENV,
+    "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
 }
 
 
@@ -62,7 +68,7 @@ def worker_env() -> dict[str, str]:
     """The env vars the job's workers get through runtime_env (those the job's own runtime_env lacks)."""
     import json
 
-    env = {k: os.environ.get(k, LOCAL_ENV[k]) for k in WORKER_ENV}
+    env = {k: os.environ.get(k, ENV[k]) for k in WORKER_ENV}
     env.update({k: os.environ[k] for k in STORAGE_ENV if os.environ.get(k)})
     job = json.loads(os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR", "{}")).get("runtime_env") or {}
     return {k: v for k, v in env.items() if k not in (job.get("env_vars") or {})}
@@ -93,17 +99,19 @@ def resolve_run_dir(run_dir: str) -> RunStore:
 
 
 def init_ray(cfg: RayConfig | None = None, temp_dir: str | None = None) -> None:
-    """Connect to the cluster at RAY_ADDRESS, or start a local one bound to 127.0.0.1."""
+    """Connect to the cluster at RAY_ADDRESS, or start a local one (dashboard on 127.0.0.1)."""
     import ray
 
     if ray.is_initialized():
         return
-    for k, v in LOCAL_ENV.items():
-        os.environ.setdefault(k, v)
     runtime_env = {"env_vars": worker_env()}
     if os.environ.get("RAY_ADDRESS"):
+        for k, v in ENV.items():
+            os.environ.setdefault(k, v)
         ray.init(log_to_driver=True, runtime_env=runtime_env)
         return
+    for k, v in LOCAL_ENV.items():
+        os.environ.setdefault(k, v)
     # The dashboard (on 127.0.0.1) serves the state API that Train's placement-group cleaner needs: without
     # it, a Tune trial's finished TorchTrainer leaves its placement group behind and the next trial waits.
     ray.init(
@@ -144,10 +152,15 @@ def quiet_worker() -> None:
     import logging
 
     import transformers
-    from ray.train.v2._internal.execution import context, storage
 
     # Train V2 logs every report at INFO through loggers named by file path (Ray 2.60): mute those two.
-    context.logger.setLevel(logging.WARNING)
-    storage.logger.setLevel(logging.WARNING)
+    # These are Train internals, not an API: if a Ray release moves them, the lines come back and that is all.
+    try:
+        from ray.train.v2._internal.execution import context, storage
+
+        context.logger.setLevel(logging.WARNING)
+        storage.logger.setLevel(logging.WARNING)
+    except (ImportError, AttributeError):
+        pass
     transformers.utils.logging.disable_progress_bar()
     transformers.utils.logging.set_verbosity_error()

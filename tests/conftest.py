@@ -1,5 +1,9 @@
 """Shared fixtures: one real Ray head on loopback for the whole session, and an in-test corpus.
 
+Every test is marked by cost, here, from the fixtures it uses (an explicit mark wins): `cluster` for the
+two-node cluster (tests/multinode.py), `ray` for the session's Ray head, else `unit` (60 s timeout;
+`make test-fast` runs only these).
+
 The Ray head is started with `ray start --head` on 127.0.0.1 (the same kind of cluster `ray job submit`
 talks to); tests connect to it as drivers. Starting Ray costs ~5-10 s, so it happens once.
 The corpus is text written here (en/fr/de sentences recombined into unique lines) plus real Python files
@@ -107,6 +111,22 @@ def corpus_dir(tmp_path_factory) -> Path:
     return write_corpus(tmp_path_factory.mktemp("corpus"))
 
 
+COST_MARKS = ("unit", "ray", "cluster")
+UNIT_TIMEOUT_S = 60  # the others get pyproject's `timeout`
+
+
+@pytest.hookimpl(tryfirst=True)  # before `-m` deselects by these marks
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        marked = [m.name for m in item.iter_markers() if m.name in COST_MARKS]
+        if not marked:
+            uses = set(item.fixturenames)  # the closure: fixtures the test's fixtures use count too
+            marked = ["cluster" if "two_node_cluster" in uses else "ray" if "ray_head" in uses else "unit"]
+            item.add_marker(marked[0])
+        if marked[0] == "unit" and item.get_closest_marker("timeout") is None:
+            item.add_marker(pytest.mark.timeout(UNIT_TIMEOUT_S))
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -127,7 +147,7 @@ def ray_head():
            f"--port={port}", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", f"--temp-dir={temp_dir}",
            f"--ray-client-server-port={client}", f"--dashboard-agent-listen-port={agent}", "--num-cpus=2",
            "--include-dashboard=true", "--disable-usage-stats"]
-    subprocess.run(cmd, check=True, env=env, capture_output=True)
+    subprocess.run(cmd, check=True, env=env, capture_output=True, timeout=180)
     import ray
 
     address = f"127.0.0.1:{port}"
@@ -169,6 +189,15 @@ def _stop_cluster(temp_dir: str, port: int) -> None:
             os.kill(pid, signal.SIGKILL)
         except OSError:
             pass
+
+
+@pytest.fixture(scope="session")
+def two_node_cluster(tmp_path_factory):
+    """Head (0 CPUs) + a node that cannot see the head's files + S3 on loopback; see tests/multinode.py."""
+    from tests.multinode import two_node_cluster as start
+
+    with start(tmp_path_factory.getbasetemp(), _stop_cluster) as cluster:
+        yield cluster
 
 
 def tiny_overrides(run_dir: Path, corpus_dir: Path, *extra: str) -> list[str]:

@@ -243,6 +243,7 @@ def _ddp_worker(rank: int, init_file: str, out_dir: str) -> None:
     dist.destroy_process_group()
 
 
+@pytest.mark.ray  # by cost, not a unit test: two processes that each import torch and transformers (~45 s loaded)
 def test_jeet_under_ddp_with_unused_stacks_does_not_hang_and_ranks_agree(tmp_path):
     torch.multiprocessing.spawn(_ddp_worker, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
     for rank in range(2):

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import shutil
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -29,6 +30,13 @@ LANGS = ["en", "fr", "de", "py"]
 TOKEN = "test-token"
 PROMPTS = {"en": "The river runs through the old town", "fr": "La rivière traverse la vieille ville",
            "de": "Der Fluss fließt durch die alte Stadt", "py": "def f(x):\n    return x + 1\n"}
+
+
+class Client(requests.Session):
+    """Every request has a timeout: a hung server fails its test rather than stalling the suite."""
+
+    def request(self, *args, timeout=60, **kwargs):
+        return super().request(*args, timeout=timeout, **kwargs)
 
 
 def save_lm(path: Path, tok, seed: int, n_layer: int = 1) -> Path:
@@ -171,8 +179,6 @@ def test_local_app_routes_scores_mixes_and_generates(local_app):
 
 
 def wait_until_serving(url: str, timeout: float = 240) -> None:
-    import time
-
     deadline = time.time() + timeout
     while time.time() < deadline:
         try:
@@ -188,18 +194,19 @@ def wait_until_serving(url: str, timeout: float = 240) -> None:
 def http_app(ray_head, served_run):
     """The app deployed the way `serve deploy` does (declarative, through the dashboard's REST API)."""
     from ray import serve
-    from ray.dashboard.modules.serve.sdk import ServeSubmissionClient
 
     from serve.launch import deploy_config
 
     port = _free_port()
     overrides = [f"serve.auth_token={TOKEN}", "serve.limits.max_new_tokens=32", "serve.limits.max_body_bytes=20000"]
-    deploy = lambda models=None: ServeSubmissionClient(ray_head["dashboard"]).deploy_applications(
-        deploy_config(str(served_run), None, overrides, "127.0.0.1", port, models))
+    # Serve's REST API (what `serve deploy` calls): PUT the whole declarative config.
+    deploy = lambda models=None: requests.put(
+        f"{ray_head['dashboard']}/api/serve/applications/", timeout=60,
+        json=deploy_config(str(served_run), None, overrides, "127.0.0.1", port, models)).raise_for_status()
     deploy()
     url = f"http://127.0.0.1:{port}"
     wait_until_serving(url)
-    session = requests.Session()
+    session = Client()
     session.headers["Authorization"] = f"Bearer {TOKEN}"
     try:
         yield url, session, deploy
@@ -216,9 +223,9 @@ def sse_events(response) -> list:
 
 def test_http_every_endpoint(http_app):
     url, s, _ = http_app
-    assert requests.get(f"{url}/healthz").json()["status"] == "ok"  # open: no token needed
-    assert "/v1/generate" in requests.get(f"{url}/openapi.json").json()["paths"]
-    assert requests.get(f"{url}/docs").status_code == 200
+    assert requests.get(f"{url}/healthz", timeout=30).json()["status"] == "ok"  # open: no token needed
+    assert "/v1/generate" in requests.get(f"{url}/openapi.json", timeout=30).json()["paths"]
+    assert requests.get(f"{url}/docs", timeout=30).status_code == 200
     experts = s.get(f"{url}/v1/experts").json()
     assert [e["name"] for e in experts["experts"]] == LANGS + ["teacher"]
     assert all(len(e["version"]) == 12 and e["params"] > 0 for e in experts["experts"])
@@ -279,7 +286,7 @@ def test_http_client_mistakes_are_4xx_with_a_message(http_app, path, body, statu
 def test_http_needs_the_token(http_app):
     url, _, _ = http_app
     for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": TOKEN}):
-        r = requests.post(f"{url}/v1/route", json={"prompt": "x"}, headers=headers)
+        r = requests.post(f"{url}/v1/route", json={"prompt": "x"}, headers=headers, timeout=30)
         assert r.status_code == 401 and "bearer token" in r.json()["error"]["message"]
 
 
@@ -289,7 +296,7 @@ def test_hot_update_swaps_one_expert_in_place_without_dropping_requests(http_app
     statuses, stop = [], threading.Event()
 
     def load():
-        with requests.Session() as c:
+        with Client() as c:
             c.headers["Authorization"] = f"Bearer {TOKEN}"
             while not stop.is_set():
                 statuses.append(c.post(f"{url}/v1/score", json={"prompt": PROMPTS["fr"], "expert": "fr"}).status_code)
@@ -304,9 +311,9 @@ def test_hot_update_swaps_one_expert_in_place_without_dropping_requests(http_app
             if after["fr"] != before["fr"]:
                 break
             threading.Event().wait(0.5)
-        n_during = len(statuses)
-        while len(statuses) < n_during + 6:  # a few requests on the new version too
-            threading.Event().wait(0.05)
+        n_during, deadline = len(statuses), time.time() + 60
+        while len(statuses) < n_during + 6 and time.time() < deadline:  # a few requests on the new version too
+            time.sleep(0.05)
     finally:
         stop.set()
         for t in clients:

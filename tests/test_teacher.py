@@ -64,7 +64,8 @@ def test_killed_run_resumes_with_the_same_command(ray_head, tiny_tokenized, tmp_
 
     second = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert second.returncode == 0, second.stderr[-3000:]
-    assert "resumed from step" in second.stdout + second.stderr
+    # The worker prints "resumed from step N", but a worker's line can still be in flight when the driver
+    # exits: the evidence is the run's own record, not a log line.
     meta = read_meta(run_dir, "teacher")
     steps = [h["step"] for h in meta["metrics"]["history"]]
     assert steps == list(range(0, 301, 20)) and meta["metrics"]["resumed"] is True
