@@ -40,7 +40,7 @@ from mome_ray.moe import sample_next
 from mome_ray.router.store import INFO as ROUTER_INFO
 from mome_ray.errors import MomeError
 from mome_ray.serving import (TEACHER, GenRequest, ServeConfig, ServedLM, ServeSpec, check_model_dir, file_version,
-                               load_spec)
+                               load_spec, replica_device)
 from serve.api import (CompletionRequest, ExpertInfo, ExpertsResponse, GenerateRequest, GenerateResponse, Route,
                        RouteRequest, RouteResponse, ScoreRequest, ScoreResponse, Select)
 from serve.http import http_app
@@ -76,7 +76,8 @@ class Expert:
             queue.set_max_batch_size(config["max_batch_size"])
             queue.set_batch_wait_timeout_s(config["batch_wait_timeout_s"])
         if self.lm is None or self.lm.version != config["version"] or str(self.lm.model_dir) != config["model_dir"]:
-            self.lm = ServedLM(config["model_dir"])  # requests already running keep the model they hold
+            # on the replica's GPU when it has one; requests already running keep the model they hold
+            self.lm = ServedLM(config["model_dir"], replica_device())
 
     def info(self) -> dict:
         return {"name": self.name, **self.lm.info()}

@@ -90,7 +90,7 @@ def sweep_router(base: RouterConfig, tokenizer_dir: Path, data: tuple, storage: 
             raise MomeError(f"search space '{sweep.space}' has no '{key}' entry; see tune_spaces/router.yaml")
     trainable = tune.with_parameters(trial_fn, base=to_dict(base), tokenizer_dir=str(Path(tokenizer_dir).resolve()),
                                      data=data)
-    concurrent = max_concurrent(sweep.cpus_per_trial, sweep.max_concurrent)
+    concurrent = max_concurrent({"CPU": sweep.cpus_per_trial}, sweep.max_concurrent)
     log(f"sweeping '{sweep.space}' ({sweep.num_samples} sample(s) per grid point, {concurrent} trial(s) at once) ...")
     tuner = tune.Tuner(
         tune.with_resources(trainable, {"CPU": sweep.cpus_per_trial}),
