@@ -34,17 +34,30 @@ LOCAL_ENV = {  # only for a local cluster started by init_ray: no other node may
 class ScalingArgs:
     num_workers: int = 2  # Ray Train workers (DDP ranks)
     cpus_per_worker: float = 1.0  # also the torch thread count of each worker
-    use_gpu: bool = False  # one GPU per worker; DDP over nccl instead of gloo
+    # GPUs per worker: 0 = CPU (DDP over gloo); 1 = a GPU each (nccl); a fraction (0.25, 0.5) lets small
+    # single-worker runs, e.g. students, share one GPU; more than 1 must be whole GPUs (Ray's rule).
+    gpus_per_worker: float = 0.0
 
     def __post_init__(self):
         if self.num_workers < 1 or self.cpus_per_worker <= 0:
             raise MomeError("scaling.num_workers must be >= 1 and scaling.cpus_per_worker > 0")
+        g = self.gpus_per_worker
+        if g < 0 or (g > 1 and g != int(g)):
+            raise MomeError(f"scaling.gpus_per_worker must be 0 (CPU), a fraction of one GPU or a whole number "
+                            f"of GPUs, got {g}")
+        if 0 < g < 1 and self.num_workers > 1:
+            raise MomeError(f"scaling.gpus_per_worker {g} with {self.num_workers} workers: DDP ranks sharing a GPU "
+                            f"fail in NCCL; give each worker a whole GPU, or use 1 worker per run to share GPUs")
+
+    def per_worker(self) -> dict[str, float]:
+        """One worker's Ray resources: its placement-group bundle."""
+        return {"CPU": self.cpus_per_worker, **({"GPU": self.gpus_per_worker} if self.gpus_per_worker else {})}
 
     def ray(self):
         from ray.train import ScalingConfig
 
-        return ScalingConfig(num_workers=self.num_workers, use_gpu=self.use_gpu,
-                             resources_per_worker={"CPU": self.cpus_per_worker, **({"GPU": 1} if self.use_gpu else {})})
+        return ScalingConfig(num_workers=self.num_workers, use_gpu=self.gpus_per_worker > 0,
+                             resources_per_worker=self.per_worker())
 
 
 @dataclass
@@ -54,6 +67,13 @@ class RayConfig:
     num_cpus: int = 0  # CPUs of a local cluster (0 = all)
     task_cpus: float = 1  # CPUs of the Ray tasks doing a stage's heavy work (corpus, tokenizer, evaluation)
     task_gpus: float = 0  # GPUs of the evaluation tasks
+    # How long a run waits for the cluster (or its autoscaler) to have room for its workers before it fails
+    # (0 = forever). On an autoscaling cluster Ray's own placement waits instead.
+    wait_for_resources_s: float = 600.0
+
+    def __post_init__(self):
+        if self.wait_for_resources_s < 0:
+            raise MomeError(f"ray.wait_for_resources_s must be >= 0 (0 = wait forever), got {self.wait_for_resources_s}")
 
 
 # What every Ray process of a job needs; on a real cluster it travels in the job's runtime_env (a worker

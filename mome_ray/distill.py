@@ -122,6 +122,17 @@ def kd_step(model, teacher, opt, sched, ids: torch.Tensor, alpha: float, beta: f
     return ce.item(), None if kd is None else kd.item()
 
 
+def teacher_dtype(device: torch.device, bf16: bool) -> torch.dtype:
+    """bf16 on CUDA when training autocasts to bf16 (half the teacher's memory; autocast ran it in bf16
+    anyway), float32 otherwise (CPUs run bf16 matmuls slowly)."""
+    return torch.bfloat16 if bf16 and device.type == "cuda" else torch.float32
+
+
+def frozen_teacher(model: torch.nn.Module, device: torch.device, bf16: bool) -> torch.nn.Module:
+    """The KD teacher: on `device`, in `teacher_dtype`, in eval mode, with no gradients."""
+    return model.to(device=device, dtype=teacher_dtype(device, bf16)).eval().requires_grad_(False)
+
+
 def new_trace() -> dict[str, list]:
     return {"step": [], "ce": [], "kd": [], "alpha": [], "beta": []}
 
@@ -143,7 +154,7 @@ def train_fn_per_worker(config: dict) -> None:
            for l in student.langs}
     teacher = None
     if student.kd:
-        teacher = load_lm(store.fetch("teacher"), tok_dir).to(device).eval().requires_grad_(False)
+        teacher = frozen_teacher(load_lm(store.fetch("teacher"), tok_dir), device, cfg.train.bf16)
 
     def build():
         tok = load_tokenizer(tok_dir)

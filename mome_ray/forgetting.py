@@ -37,7 +37,7 @@ from mome_ray.moe import MoE, PLEExperts
 from mome_ray.moe_train import Routed, per_language_eval
 from mome_ray.storage import RunStore
 from mome_ray.tokenizer import load_tokenizer
-from mome_ray.training import Progress, TrainConfig, eval_metrics, evaluate, lm_train_step
+from mome_ray.training import Progress, TrainConfig, eval_metrics, evaluate, lm_train_step, read_state
 
 REGIMES = ("sequential", "balanced", "moe")
 
@@ -167,8 +167,6 @@ def plot_study(stages, langs: list[str], out_dir: Path) -> list[Path]:
 def forgetting_study(cfg: ForgettingConfig, langs: list[str], store: RunStore, ray_cfg, parents: dict, seed: int,
                      out_dir: Path, log=print) -> dict:
     """Train every regime on the cluster, write the tables and plots into `out_dir`; returns metrics."""
-    import torch
-
     from mome_ray.launch import TrainJob, fit_many, run_name
     from mome_ray.sweeps import markdown_table
 
@@ -179,7 +177,7 @@ def forgetting_study(cfg: ForgettingConfig, langs: list[str], store: RunStore, r
     histories = {}
     for job in jobs:
         with results[job.name][0].checkpoint.as_directory() as d:
-            histories[job.loop_config["regime"]] = torch.load(Path(d) / "train_state.pt", weights_only=True)["history"]
+            histories[job.loop_config["regime"]] = read_state(Path(d))["history"]
     stages = stage_table(histories, langs)
     table = forgetting_table(stages)
     stages.to_csv(out_dir / "stages.csv", index=False)

@@ -79,7 +79,7 @@ def sweep_kd(cfg, store: RunStore, parents: dict, out_dir: Path, log=print) -> d
     from ray.tune.schedulers import ASHAScheduler
 
     from mome_ray.distill import check_teacher
-    from mome_ray.launch import run_name, slots
+    from mome_ray.launch import run_name, run_resources, wait_for_room
     from mome_ray.sweeps import TRIAL_CPU, load_space, max_concurrent, to_tune, tracking_callbacks, write_table
 
     d: DistillConfig = cfg.distill
@@ -94,8 +94,9 @@ def sweep_kd(cfg, store: RunStore, parents: dict, out_dir: Path, log=print) -> d
     if s.max_steps:
         base["train"]["max_steps"] = s.max_steps
     evals = -(-base["train"]["max_steps"] // d.train.eval_every)  # reports per trial
-    slots(d.scaling, "a sweep trial")
-    width = max_concurrent(d.scaling.num_workers * d.scaling.cpus_per_worker + TRIAL_CPU, s.max_concurrent)
+    wait_for_room(d.scaling, "a sweep trial", cfg.ray.wait_for_resources_s, log)
+    need = run_resources(d.scaling)  # a trial's workers, CPUs and GPUs, + the trial's own CPU share
+    width = max_concurrent({**need, "CPU": need["CPU"] + TRIAL_CPU}, s.max_concurrent)
     storage = storage_path(cfg.ray, store)
     fixed = {"base": base, "lang": lang, "seed": cfg.seed, "run": store.location, "ray": to_dict(cfg.ray)}
     name = run_name(store, "sweep-kd", {**fixed, "space": space, "sweep": to_dict(s)}, parents)

@@ -6,9 +6,26 @@
 Each run has its own name under the storage path (the run's `ray_results/` by default: local, NFS or
 s3:// alike), so its checkpoints and resume are its own. A run whose name and storage exist is resumed by
 Ray Train V2 — wanted after a kill, not after a config change: `run_name` carries a fingerprint of the
-config and the parents, so a change gives a new name. `fit_many` runs as many `fit()`s
-at once as the cluster has CPUs (GPUs) for and queues the rest: the Train controller takes no CPU, only
-the workers do (DESIGN.md).
+config and the parents, so a change gives a new name.
+
+Capacity. Nothing is refused on a snapshot of the cluster. `fit_many` runs as many `fit()`s at once as the
+cluster's nodes have CPUs and GPUs for (fractional GPUs count: two 0.5-GPU students share a GPU; the Train
+controller takes no CPU, only the workers do) and queues the rest, re-reading the nodes as runs finish so
+a cluster that grew is used. A run that fits no node set the cluster has now waits, saying every ~30 s what it
+waits for, up to `ray.wait_for_resources_s` (0 = forever), then fails with a MomeError naming what was
+missing. On a cluster with an autoscaler nothing waits here: Train's placement group is the demand the
+autoscaler scales up for, and Train refuses by itself a run bigger than the autoscaler's largest cluster.
+
+Parallel runs are Ray tasks, not driver threads. Each `fit()` runs in a `num_cpus=0` task pinned to the
+driver's node (where `on_done` exports). A thread blocked in `TorchTrainer.fit()` cannot be
+interrupted, and Train V2 installs its own graceful Ctrl-C handler only in the main thread (Ray 2.60,
+`DataParallelTrainer._register_sigint_handler`). A task runs on its worker's main thread, so on Ctrl-C the
+driver `ray.cancel`s every running task: Ray interrupts the task's main thread, Train's handler aborts
+that run (its workers stop, its placement group is freed); a task still alive after `STOP_GRACE_S` (or at
+a second Ctrl-C) is killed with `force=True`, and its Train controller, owned by the task, dies with it
+(Train's detached placement-group cleaner frees its resources). The checkpoints stay in storage: the same
+command resumes every run from its last checkpoint. A single `fit()` in the main thread gets Train's own
+handler directly.
 """
 
 from __future__ import annotations
@@ -16,9 +33,7 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
-import threading
 import time
-from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -55,25 +70,88 @@ def prepare_storage(storage: str, name: str, fresh: bool) -> bool:
     return where.exists(name)
 
 
-def _resources(scaling: ScalingArgs) -> dict[str, float]:
-    need = {"CPU": scaling.num_workers * scaling.cpus_per_worker}
-    if scaling.use_gpu:
-        need["GPU"] = float(scaling.num_workers)
-    return need
+STOP_GRACE_S = 20.0  # after Ctrl-C, how long a run may take to abort gracefully before its task is killed
+POLL_S = 2.0  # how often the launcher looks at the cluster and its runs
+SAY_EVERY_S = 30.0  # how often a waiting run says what it waits for
 
 
-def slots(scaling: ScalingArgs, name: str = "run") -> int:
-    """How many runs of this size fit on the cluster at once; an error if not even one does."""
+def run_resources(scaling: ScalingArgs) -> dict[str, float]:
+    """Everything one run's workers hold together."""
+    return {k: v * scaling.num_workers for k, v in scaling.per_worker().items()}
+
+
+def times_fit(need: dict[str, float], have: dict[str, float]) -> int:
+    """How many times `need` fits in `have` (resource name -> amount); a small epsilon absorbs float sums."""
+    return min(int(have.get(k, 0) / v + 1e-9) for k, v in need.items() if v > 0)
+
+
+def slots(scaling: ScalingArgs, nodes: list[dict[str, float]]) -> int:
+    """How many runs of this size the nodes (one resources dict each) fit at once; 0 if not even one.
+
+    A worker's bundle must fit on one node: 3 nodes of 2 CPUs fit no 4-CPU worker.
+    """
+    return sum(times_fit(scaling.per_worker(), node) for node in nodes) // scaling.num_workers
+
+
+def describe(resources: dict[str, float]) -> str:
+    """'4 CPUs + 1 GPUs' (CPU and GPU only: what runs ask for)."""
+    return " + ".join(f"{resources.get(k, 0):g} {k}s" for k in ("CPU", "GPU") if k == "CPU" or resources.get(k))
+
+
+def alive_nodes() -> list[dict[str, float]]:
+    """The resources of every live node of the connected cluster."""
     import ray
 
-    have = ray.cluster_resources()
-    fits = [int(have.get(k, 0) // v) for k, v in _resources(scaling).items()]
-    if min(fits) < 1:
-        raise MomeError(f"{name}: {scaling.num_workers} workers x {scaling.cpus_per_worker} CPUs"
-                        f"{' + 1 GPU each' if scaling.use_gpu else ''} does not fit the cluster "
-                        f"({have.get('CPU', 0):g} CPUs, {have.get('GPU', 0):g} GPUs); lower scaling.num_workers "
-                        f"or scaling.cpus_per_worker")
-    return min(fits)
+    return [n["Resources"] for n in ray.nodes() if n["Alive"]]
+
+
+def autoscaling() -> bool:
+    """Whether the cluster has an autoscaler (its config names node types): then Ray's placement waits."""
+    try:
+        from ray._private.state import state  # what Train 2.60 itself reads (WorkerGroup's resource check)
+
+        return bool(state.get_max_resources_from_cluster_config())
+    except Exception:  # no autoscaler config, or an older GCS: treat the cluster as fixed
+        return False
+
+
+class RoomWatch:
+    """Whether a run has room on the cluster yet; says every ~30 s what it waits for, fails past the limit."""
+
+    def __init__(self, scaling: ScalingArgs, name: str, limit_s: float, log=print, clock=time.monotonic,
+                 say_every_s: float = SAY_EVERY_S):
+        self.scaling, self.name, self.limit_s, self.log, self.clock = scaling, name, limit_s, log, clock
+        self.say_every_s, self.since, self.said = say_every_s, None, None
+
+    def has_room(self, nodes: list[dict[str, float]], autoscaled: bool = False) -> bool:
+        if autoscaled or slots(self.scaling, nodes) >= 1:
+            self.since = None
+            return True
+        now = self.clock()
+        self.since = now if self.since is None else self.since
+        waited = now - self.since
+        total = {k: sum(node.get(k, 0) for node in nodes) for k in ("CPU", "GPU")}
+        want = f"{describe(run_resources(self.scaling))} ({self.scaling.num_workers} x {describe(self.scaling.per_worker())})"
+        have = f"{describe(total)} on {len(nodes)} node(s)"
+        if self.limit_s and waited >= self.limit_s:
+            raise MomeError(f"{self.name}: waited {waited:.0f}s for {want}; the cluster has {have}. Add nodes, lower "
+                            f"scaling.num_workers / cpus_per_worker / gpus_per_worker, or raise "
+                            f"ray.wait_for_resources_s (0 = wait forever)")
+        if self.said is None or now - self.said >= self.say_every_s:
+            self.said = now
+            limit = f"{self.limit_s:g}s" if self.limit_s else "no limit"
+            self.log(f"[launcher] waiting for {want} for {self.name} (cluster has {have}; waited {waited:.0f}s "
+                     f"of {limit})")
+        return False
+
+
+def wait_for_room(scaling: ScalingArgs, name: str, limit_s: float, log=print, nodes=alive_nodes,
+                  autoscaled=autoscaling, sleep=time.sleep, clock=time.monotonic) -> None:
+    """Return once one run of this size fits the cluster (at once when it autoscales); see `RoomWatch`."""
+    watch = RoomWatch(scaling, name, limit_s, log, clock)
+    scales = autoscaled()
+    while not watch.has_room(nodes(), scales):
+        sleep(POLL_S)
 
 
 def fit(train_fn, loop_config: dict, scaling: ScalingArgs, ray_cfg: RayConfig, run_dir: Path, name: str,
@@ -82,7 +160,7 @@ def fit(train_fn, loop_config: dict, scaling: ScalingArgs, ray_cfg: RayConfig, r
     from ray.train import CheckpointConfig, FailureConfig, RunConfig
     from ray.train.torch import TorchTrainer
 
-    slots(scaling, name)
+    wait_for_room(scaling, name, ray_cfg.wait_for_resources_s)
     storage = storage_path(ray_cfg, run_dir)
     resumed = prepare_storage(storage, name, fresh)
     trainer = TorchTrainer(
@@ -100,63 +178,102 @@ def fit(train_fn, loop_config: dict, scaling: ScalingArgs, ray_cfg: RayConfig, r
     return trainer.fit(), resumed
 
 
+def _fit_job(job: TrainJob, ray_cfg: RayConfig, run_dir: Path):
+    """One job's `fit()`; the body of its Ray task."""
+    return fit(job.train_fn, job.loop_config, job.scaling, ray_cfg, run_dir, job.name, job.keep, job.fresh)
+
+
 def fit_many(jobs: list[TrainJob], ray_cfg: RayConfig, run_dir: Path, on_done: Callable = None,
              max_parallel: int = 0, log=print) -> dict[str, tuple]:
     """Run every job's `fit()` concurrently, as many at once as the cluster fits; the rest wait their turn.
 
     `on_done(job, result, resumed)` runs as each job finishes (e.g. to export its model), so a kill later
     loses nothing already done. Returns {name: (result, resumed)}; a failed job fails the call after the
-    others have finished, naming it.
+    others have finished, naming it. Ctrl-C stops every running job (see the module docstring).
     """
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
     if not jobs:
         return {}
-    # transformers resolves its names lazily, and two `on_done` threads importing one at once can fail
-    # ("cannot import name 'AutoTokenizer'"): resolve the ones exports use here, once.
-    from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: F401
-
-    width = min(slots(job.scaling, job.name) for job in jobs)
-    if max_parallel:
-        width = min(width, max_parallel)
-    state = {job.name: "queued" for job in jobs}
-    lock = threading.Lock()
-
-    def show(name: str, what: str) -> None:
-        with lock:
-            state[name] = what
-            groups = {w: [n for n, s in state.items() if s == w] for w in ("running", "queued", "done", "failed")}
-            log("[launcher] " + "; ".join(f"{w}: {', '.join(ns)}" for w, ns in groups.items() if ns))
-
-    def one(job: TrainJob):
-        show(job.name, "running")
-        t0 = time.perf_counter()
-        result, resumed = fit(job.train_fn, job.loop_config, job.scaling, ray_cfg, run_dir, job.name, job.keep,
-                              job.fresh)
-        if on_done:
-            on_done(job, result, resumed)
-        show(job.name, "done")
-        return result, resumed, time.perf_counter() - t0
-
-    log(f"[launcher] {len(jobs)} runs, {width} at a time on this cluster")
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+    task = ray.remote(num_cpus=0, max_retries=0)(_fit_job).options(scheduling_strategy=here)
+    board = Board([job.name for job in jobs], log)
+    queue, running = list(jobs), {}  # running: ObjectRef -> (job, start time)
+    watches = {job.name: RoomWatch(job.scaling, job.name, ray_cfg.wait_for_resources_s, log) for job in jobs}
+    scales = autoscaling()
     out, failures = {}, []
-    with ThreadPoolExecutor(max_workers=width, thread_name_prefix="fit") as pool:
-        futures = {pool.submit(one, job): job for job in jobs}
-        for future in as_completed(futures):
-            job = futures[future]
-            try:
-                result, resumed, seconds = future.result()
+    try:
+        while queue or running:
+            nodes = alive_nodes()
+            width = max(1, min(slots(job.scaling, nodes) for job in jobs))
+            width = min(width, max_parallel) if max_parallel else width
+            while queue and len(running) < width:
+                if not watches[queue[0].name].has_room(nodes, scales):
+                    break
+                job = queue.pop(0)
+                running[task.remote(job, ray_cfg, run_dir)] = (job, time.perf_counter())
+                board.show(job.name, "running", f"{width} at a time")
+            if not running:
+                time.sleep(POLL_S)
+                continue
+            finished, _ = ray.wait(list(running), num_returns=1, timeout=POLL_S)
+            for ref in finished:
+                job, t0 = running.pop(ref)
+                try:
+                    result, resumed = ray.get(ref)
+                    if on_done:
+                        on_done(job, result, resumed)
+                except Exception as e:  # one failed run must not hide the others' results
+                    board.show(job.name, "failed")
+                    failures.append(f"{job.name}: {getattr(e, 'cause', None) or e}")
+                    continue
                 out[job.name] = (result, resumed)
-                log(f"[launcher] {job.name} finished in {seconds:.0f}s")
-            except Exception as e:  # one failed run must not hide the others' results
-                show(job.name, "failed")
-                failures.append(f"{job.name}: {e}")
+                board.show(job.name, "done")
+                log(f"[launcher] {job.name} finished in {time.perf_counter() - t0:.0f}s")
+    except BaseException:  # Ctrl-C, or a run that waited too long: stop the others before giving up
+        stop(list(running), [job.name for job, _ in running.values()], log)
+        raise
     if failures:
         raise MomeError(f"{len(failures)} of {len(jobs)} runs failed:\n  " + "\n  ".join(failures))
     return out
 
 
+def stop(refs: list, names: list[str], log=print, grace_s: float = STOP_GRACE_S) -> None:
+    """Stop running `fit()` tasks: interrupt each (Train aborts its run), kill those still alive after `grace_s`."""
+    import ray
+
+    if not refs:
+        return
+    log(f"[launcher] stopping {', '.join(names)} (up to {grace_s:.0f}s; Ctrl-C again to kill them now)")
+    for ref in refs:
+        ray.cancel(ref)
+    left = refs
+    try:
+        _, left = ray.wait(refs, num_returns=len(refs), timeout=grace_s)
+    except KeyboardInterrupt:
+        pass
+    for ref in left:
+        ray.cancel(ref, force=True)
+    log("[launcher] stopped; run the same command again to resume from the last checkpoints")
+
+
+class Board:
+    """The launcher's status line: which runs are running, queued, done or failed."""
+
+    def __init__(self, names: list[str], log=print):
+        self.state, self.log = {name: "queued" for name in names}, log
+
+    def show(self, name: str, what: str, note: str = "") -> None:
+        self.state[name] = what
+        groups = {w: [n for n, s in self.state.items() if s == w] for w in ("running", "queued", "done", "failed")}
+        self.log("[launcher] " + "; ".join(f"{w}: {', '.join(ns)}" for w, ns in groups.items() if ns)
+                 + (f" ({note})" if note else ""))
+
+
 def export_checkpoint(result, out_dir: Path) -> dict:
     """Copy the final checkpoint's model files into `out_dir`; returns its training state (history, ...)."""
-    import torch
+    from mome_ray.training import read_state
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -164,5 +281,6 @@ def export_checkpoint(result, out_dir: Path) -> dict:
         for f in Path(d).iterdir():
             if f.name != "train_state.pt":
                 shutil.copy2(f, out_dir / f.name)
-        state = torch.load(Path(d) / "train_state.pt", weights_only=True)
+        state = read_state(Path(d))  # on CPU whatever device saved it
     return {k: v for k, v in state.items() if k not in ("optimizer", "schedule")}
+

@@ -25,7 +25,7 @@ from torch import nn
 from mome_ray.alpha import AlphaSchedule
 from mome_ray.config import from_dict, to_dict
 from mome_ray.data import balanced_data
-from mome_ray.distill import KDRecipe, check_teacher, kd_train
+from mome_ray.distill import KDRecipe, check_teacher, frozen_teacher, kd_train
 from mome_ray.errors import MomeError
 from mome_ray.jeet import DDP_KWARGS, JEETConfig, JEETModel
 from mome_ray.models import ModelConfig, load_lm, n_params
@@ -94,7 +94,7 @@ def train_fn_per_worker(config: dict) -> None:
 
     # --- data: balanced batches with each block's language; a fixed eval subset per language
     batches, val = balanced_data(tok_dir, langs, T, cfg.train.batch_size, cfg.train.eval_blocks, seed, rank, world)
-    teacher = load_lm(store.fetch("teacher"), tok_dir).to(device).eval().requires_grad_(False)
+    teacher = frozen_teacher(load_lm(store.fetch("teacher"), tok_dir), device, cfg.train.bf16)
 
     # --- the MoE (DDP tolerates stacks no sequence of a rank's batch selected), optimizer, resume
     run = start_run(lambda: build_jeet(cfg, langs, tok_dir, config["common"]), cfg.train, name, seed, rank,

@@ -63,12 +63,16 @@ def load_space(path: str | Path) -> dict:
 TRIAL_CPU = 0.001
 
 
-def max_concurrent(cpus_per_trial: float, limit: int = 0) -> int:
-    """How many trials fit on the cluster at once (at least 1), capped by `limit` when it is set."""
-    import ray
+def max_concurrent(need: dict[str, float], limit: int = 0, have: dict[str, float] | None = None) -> int:
+    """How many trials needing `need` each ({"CPU": 4.001, "GPU": 0.5}) fit the cluster's totals `have`
+    (default: the connected cluster's) at once, at least 1; capped by `limit` when it is set."""
+    from mome_ray.launch import times_fit
 
-    cpus = ray.cluster_resources().get("CPU", 1)
-    n = max(1, int(math.floor(cpus / max(cpus_per_trial, 1e-9))))
+    if have is None:
+        import ray
+
+        have = ray.cluster_resources()
+    n = max(1, times_fit(need, have))
     return min(n, limit) if limit else n
 
 

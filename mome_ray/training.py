@@ -147,9 +147,19 @@ def save_state(path: Path, opt, sched, step: int, history: list[dict], **extra) 
                 **extra}, Path(path) / "train_state.pt")
 
 
+def read_state(path: Path) -> dict:
+    """The train_state.pt in checkpoint folder `path`, every tensor on CPU: rank 0 may have saved the
+    optimizer state from a GPU this process does not have (a CPU-only driver, another rank's device)."""
+    return torch.load(Path(path) / "train_state.pt", map_location="cpu", weights_only=True)
+
+
 def load_state(path: Path, opt, sched) -> dict:
-    """Restore optimizer + schedule in place; returns the whole state (step, history, extras)."""
-    state = torch.load(Path(path) / "train_state.pt", weights_only=True)
+    """Restore optimizer + schedule in place; returns the whole state (step, history, extras).
+
+    Read on CPU, then `load_state_dict` moves each optimizer state tensor to its parameter's device (this
+    rank's), keeping Adam's `step` counters on CPU as torch does.
+    """
+    state = read_state(path)
     opt.load_state_dict(state.pop("optimizer"))
     sched.load_state_dict(state.pop("schedule"))
     return state

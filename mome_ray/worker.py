@@ -11,7 +11,7 @@ step, eval history and the loop's own extras), so the exported model loads in `A
 
 from __future__ import annotations
 
-import shutil
+import contextlib
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -70,19 +70,21 @@ def start_run(build: Callable[[], torch.nn.Module], train: TrainConfig, name: st
 
     torch.manual_seed(seed)
     checkpoint = ray.train.get_checkpoint()
-    ckpt_dir = Path(checkpoint.to_directory()) if checkpoint else None
-    model = (load or _load_hf)(ckpt_dir) if ckpt_dir else build()
-    model = ray.train.torch.prepare_model(model, parallel_strategy_kwargs=ddp_kwargs)
-    opt = build_optimizer(model, train)
-    sched = build_schedule(opt, train)
-    run = Run(model, opt, sched, rank, save=save)
-    if ckpt_dir:
-        state = load_state(ckpt_dir, opt, sched)
-        shutil.rmtree(ckpt_dir, ignore_errors=True)  # to_directory() made a temporary local copy
-        run.step, run.history = state.pop("step"), state.pop("history")
-        run.extra = state
-        if rank == 0:
-            print(f"[{name}] resumed from step {run.step}", flush=True)
+    # as_directory(): the checkpoint itself when local, else a download shared by this node's ranks and
+    # deleted after the last of them is done (a to_directory() copy deleted by one rank breaks the others).
+    with checkpoint.as_directory() if checkpoint else contextlib.nullcontext() as d:
+        ckpt_dir = Path(d) if d else None
+        model = (load or _load_hf)(ckpt_dir) if ckpt_dir else build()
+        model = ray.train.torch.prepare_model(model, parallel_strategy_kwargs=ddp_kwargs)
+        opt = build_optimizer(model, train)
+        sched = build_schedule(opt, train)
+        run = Run(model, opt, sched, rank, save=save)
+        if ckpt_dir:
+            state = load_state(ckpt_dir, opt, sched)  # optimizer state onto this rank's device
+            run.step, run.history = state.pop("step"), state.pop("history")
+            run.extra = state
+            if rank == 0:
+                print(f"[{name}] resumed from step {run.step}", flush=True)
     return run
 
 

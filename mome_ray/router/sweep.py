@@ -96,7 +96,7 @@ def sweep_router(base: RouterConfig, run: str, data: tuple, storage: str, callba
     path = f"{storage.rstrip('/')}/{name}"
     trainable = tune.with_resources(tune.with_parameters(trial_fn, base=to_dict(base), run=run, data=data),
                                     {"CPU": sweep.cpus_per_trial})
-    concurrent = max_concurrent(sweep.cpus_per_trial, sweep.max_concurrent)
+    concurrent = max_concurrent({"CPU": sweep.cpus_per_trial}, sweep.max_concurrent)
     log(f"sweeping '{sweep.space}' ({sweep.num_samples} sample(s) per grid point, {concurrent} trial(s) at once) "
         f"into {path} ...")
     if tune.Tuner.can_restore(path):
