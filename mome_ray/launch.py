@@ -131,7 +131,8 @@ class RoomWatch:
         self.since = now if self.since is None else self.since
         waited = now - self.since
         total = {k: sum(node.get(k, 0) for node in nodes) for k in ("CPU", "GPU")}
-        want = f"{describe(run_resources(self.scaling))} ({self.scaling.num_workers} x {describe(self.scaling.per_worker())})"
+        sc = self.scaling
+        want = f"{describe(run_resources(sc))} ({sc.num_workers} x {describe(sc.per_worker())})"
         have = f"{describe(total)} on {len(nodes)} node(s)"
         if self.limit_s and waited >= self.limit_s:
             raise MomeError(f"{self.name}: waited {waited:.0f}s for {want}; the cluster has {have}. Add nodes, lower "
@@ -202,18 +203,23 @@ def fit_many(jobs: list[TrainJob], ray_cfg: RayConfig, run_dir: Path, on_done: C
     queue, running = list(jobs), {}  # running: ObjectRef -> (job, start time)
     watches = {job.name: RoomWatch(job.scaling, job.name, ray_cfg.wait_for_resources_s, log) for job in jobs}
     scales = autoscaling()
+
+    def width_on(nodes) -> int:  # runs at once: re-read as runs finish, so nodes that joined are used
+        width = max(1, min(slots(job.scaling, nodes) for job in jobs))
+        return min(width, max_parallel) if max_parallel else width
+
+    log(f"[launcher] {len(jobs)} runs, {width_on(alive_nodes())} at a time on this cluster")
     out, failures = {}, []
     try:
         while queue or running:
             nodes = alive_nodes()
-            width = max(1, min(slots(job.scaling, nodes) for job in jobs))
-            width = min(width, max_parallel) if max_parallel else width
+            width = width_on(nodes)
             while queue and len(running) < width:
                 if not watches[queue[0].name].has_room(nodes, scales):
                     break
                 job = queue.pop(0)
                 running[task.remote(job, ray_cfg, run_dir)] = (job, time.perf_counter())
-                board.show(job.name, "running", f"{width} at a time")
+                board.show(job.name, "running")
             if not running:
                 time.sleep(POLL_S)
                 continue
@@ -264,11 +270,10 @@ class Board:
     def __init__(self, names: list[str], log=print):
         self.state, self.log = {name: "queued" for name in names}, log
 
-    def show(self, name: str, what: str, note: str = "") -> None:
+    def show(self, name: str, what: str) -> None:
         self.state[name] = what
         groups = {w: [n for n, s in self.state.items() if s == w] for w in ("running", "queued", "done", "failed")}
-        self.log("[launcher] " + "; ".join(f"{w}: {', '.join(ns)}" for w, ns in groups.items() if ns)
-                 + (f" ({note})" if note else ""))
+        self.log("[launcher] " + "; ".join(f"{w}: {', '.join(ns)}" for w, ns in groups.items() if ns))
 
 
 def export_checkpoint(result, out_dir: Path) -> dict:
