@@ -22,6 +22,7 @@ sys.path.insert(0, str(ROOT))
 
 from mome_ray.cluster import init_ray  # noqa: E402
 from mome_ray.distill import distill_students  # noqa: E402
+from mome_ray.stages import parents_of  # noqa: E402
 from mome_ray.storage import RunStore  # noqa: E402
 from mome_ray.settings import load_settings  # noqa: E402
 
@@ -40,7 +41,7 @@ def timed(cfg, run_dir: Path, max_parallel: int) -> tuple[float, float]:
     cfg.distill.max_parallel = max_parallel
     busy0, total0 = cpu_times()
     t0 = time.perf_counter()
-    distill_students(cfg.distill, cfg.langs, RunStore(run_dir), cfg.ray, cfg.seed, fresh=True, log=lambda *a: None)
+    distill_students(cfg.distill, cfg.langs, RunStore(run_dir), cfg.ray, parents_of(RunStore(run_dir), "experts"), cfg.seed, fresh=True, log=lambda *a: None)
     wall = time.perf_counter() - t0
     busy1, total1 = cpu_times()
     return wall, (busy1 - busy0) / max(1, total1 - total0)

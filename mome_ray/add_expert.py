@@ -67,6 +67,7 @@ def add_expert(cfg, lang: str, source: str | Path, log=print) -> dict:
     from mome_ray.cluster import init_ray, resolve_run_dir
     from mome_ray.config import to_dict
     from mome_ray.distill import distill_students
+    from mome_ray.stages import parents_of
     from mome_ray.grid import evaluate_grid, grid_markdown_frame, moe_rows, route_for
     from mome_ray.data import eval_blocks, load_blocks
     from mome_ray.moe import MoE, load_ple
@@ -90,7 +91,7 @@ def add_expert(cfg, lang: str, source: str | Path, log=print) -> dict:
     data = encode_language(cfg, lang, source, log)
     init_ray(cfg.ray)
     distill = dataclasses.replace(cfg.distill, langs=[lang], baselines=False)
-    distill_students(distill, langs, store, cfg.ray, cfg.seed, log=log)
+    distill_students(distill, langs, store, cfg.ray, parents_of(store, "experts"), cfg.seed, log=log)
     router = retrain_router(cfg, langs, log)
 
     experts = {l: run_dir / "experts" / l for l in langs}
@@ -105,7 +106,7 @@ def add_expert(cfg, lang: str, source: str | Path, log=print) -> dict:
         grid.to_csv(out / "grid.csv", index=False)
         (out / "grid.md").write_text(markdown_table(grid_markdown_frame(grid)))
         config = {"langs": langs, "seed": cfg.seed, "source": str(source.resolve()), "distill": to_dict(distill)}
-        parents = {p: read_meta(run_dir, p)["created"] for p in ("tokenizer", "teacher")}
+        parents = parents_of(store, "experts")
         meta = write_meta(out, name, config, {"routing": routing, "router_retrained": router, **data,
                                               "grid": grid.to_dict(orient="records")}, parents, cfg.seed)
     log(f"\n[add-expert] PLE over {langs} ({routing} routing) in {run_dir / name}:\n"

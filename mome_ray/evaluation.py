@@ -18,7 +18,8 @@ import torch
 from mome_ray.data import eval_blocks as first_blocks
 from mome_ray.data import load_blocks
 from mome_ray.models import load_lm, n_params
-from mome_ray.training import evaluate, perplexity
+from mome_ray.moe import Routed
+from mome_ray.training import TrainConfig, evaluate, perplexity
 
 
 @dataclass
@@ -51,3 +52,9 @@ def perplexity_table(rows: list[Row], tokenizer_dir: Path, langs: list[str], blo
         record["mean"] = round(perplexity(sum(losses.values()) / len(losses)), 2)
         records.append(record)
     return pd.DataFrame(records)
+
+
+def per_language_eval(moe: torch.nn.Module, val: dict, device, train: TrainConfig) -> dict[str, float]:
+    """Validation loss of each language through its own expert (+ the common one in MoE-CE)."""
+    return {l: evaluate(Routed(moe, force=l), {l: blocks}, device, train.batch_size, train.bf16)[l]
+            for l, blocks in val.items()}

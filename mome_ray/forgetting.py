@@ -34,10 +34,11 @@ from mome_ray.errors import MomeError
 from mome_ray.jeet import DDP_KWARGS
 from mome_ray.models import ModelConfig, build_gpt2
 from mome_ray.moe import MoE, PLEExperts
-from mome_ray.moe_train import Routed, per_language_eval
+from mome_ray.evaluation import per_language_eval
+from mome_ray.moe import Routed
 from mome_ray.storage import RunStore
 from mome_ray.tokenizer import load_tokenizer
-from mome_ray.training import Progress, TrainConfig, eval_metrics, evaluate, lm_train_step, read_state
+from mome_ray.training import Progress, TrainConfig, eval_metrics, evaluate, lm_train_step
 
 REGIMES = ("sequential", "balanced", "moe")
 
@@ -166,18 +167,17 @@ def plot_study(stages, langs: list[str], out_dir: Path) -> list[Path]:
 
 def forgetting_study(cfg: ForgettingConfig, langs: list[str], store: RunStore, ray_cfg, parents: dict, seed: int,
                      out_dir: Path, log=print) -> dict:
-    """Train every regime on the cluster, write the tables and plots into `out_dir`; returns metrics."""
-    from mome_ray.launch import TrainJob, fit_many, run_name
+    """Train every regime on the cluster (each model an artifact RUN_DIR/forgetting/<regime>/, skipped when up
+    to date), write the tables and plots into `out_dir`; returns metrics."""
+    from mome_ray.model_runs import ModelRun, train_models
     from mome_ray.sweeps import markdown_table
 
     loops = jobs_for(cfg, langs, store, seed)
-    jobs = [TrainJob(run_name(store, f"forgetting-{regime}", loop, parents), train_fn_per_worker, loop, cfg.scaling,
+    depends = {"langs": langs, "seed": seed, "forgetting": to_dict(cfg)}
+    runs = [ModelRun(f"forgetting/{regime}", train_fn_per_worker, loop, cfg.scaling, {**depends, "regime": regime},
                      cfg.train.keep_checkpoints) for regime, loop in loops.items()]
-    results = fit_many(jobs, ray_cfg, store, max_parallel=cfg.max_parallel, log=log)
-    histories = {}
-    for job in jobs:
-        with results[job.name][0].checkpoint.as_directory() as d:
-            histories[job.loop_config["regime"]] = read_state(Path(d))["history"]
+    metas = train_models(store, runs, parents, ray_cfg, seed, max_parallel=cfg.max_parallel, log=log)
+    histories = {regime: metas[f"forgetting/{regime}"]["metrics"]["history"] for regime in loops}
     stages = stage_table(histories, langs)
     table = forgetting_table(stages)
     stages.to_csv(out_dir / "stages.csv", index=False)

@@ -5,7 +5,7 @@
     write_table(grid_markdown_frame(df), out, "grid")
 
 A row answers every language with a model: `modules(lang)` returns something called like an HF causal LM
-(`module(input_ids=ids).logits`). For an MoE that is `moe_train.Routed` under one option of the paper's
+(`module(input_ids=ids).logits`). For an MoE that is `moe.Routed` under one option of the paper's
 grid (router top-1 ± common, each expert forced ± common, common alone, uniform average ± common) plus
 top-k mixing (beyond the paper). Per language: loss, perplexity and the seconds the evaluation took;
 per row: active parameters (what one sequence runs through) and total parameters.
@@ -24,8 +24,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from mome_ray.moe import MoE, Router, Routing, text_router
-from mome_ray.moe_train import Routed
+from mome_ray.moe import MoE, Routed, Router, Routing, text_router
 from mome_ray.training import evaluate, perplexity
 
 

@@ -78,7 +78,7 @@ def sweep_kd(cfg, store: RunStore, parents: dict, out_dir: Path, log=print) -> d
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
 
-    from mome_ray.distill import check_teacher
+    from mome_ray.kd import check_teacher
     from mome_ray.launch import run_name, run_resources, wait_for_room
     from mome_ray.sweeps import TRIAL_CPU, load_space, max_concurrent, to_tune, tracking_callbacks, write_table
 

@@ -348,3 +348,20 @@ def sample_next(logits: torch.Tensor, temperature: float, top_p: float, gen: tor
     sorted_p = sorted_p * keep
     choice = torch.multinomial(sorted_p / sorted_p.sum(-1, keepdim=True), 1, generator=gen)
     return idx.gather(-1, choice).squeeze(-1)
+
+
+class Routed(nn.Module):
+    """An MoE under fixed options, called like an HF model: `Routed(moe, force="fr")(input_ids=ids).logits`.
+
+    `route(ids, mask)` (a `moe.Router`) decides per batch; other keywords go to `MoE.forward` as they are
+    (`routing=`, `force=`, `mode=`, `k=`, `common=`). Lets `training.evaluate` and `kd.kd_step`,
+    written for HF models, run an MoE.
+    """
+
+    def __init__(self, moe: nn.Module, route=None, **select):
+        super().__init__()
+        self.moe, self.route, self.select = moe, route, select
+
+    def forward(self, input_ids: torch.Tensor):
+        routing = {"routing": self.route(input_ids, None)} if self.route is not None else {}
+        return self.moe(input_ids, **routing, **self.select)

@@ -6,7 +6,7 @@
 Every step draws a balanced batch (an equal share of each language) and routes each sequence to its own
 language's stack (`Routing.onehot` of the batch's language labels), so a step updates the stacks that
 ran plus the shared embedding/head (and, in MoE-CE, the common stack, which runs for every sequence).
-Loss: L = α·CE + β·KD, the distillation step of `distill.kd_step` on the MoE's logits. The MoE is wrapped
+Loss: L = α·CE + β·KD, the distillation step of `kd.kd_step` on the MoE's logits. The MoE is wrapped
 for DDP with `find_unused_parameters` (`jeet.DDP_KWARGS`): a rank's batch need not select every stack.
 
     RUN_DIR/moe/jeet/      JEETModel.save (config.json + model.safetensors) + meta.json
@@ -19,20 +19,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar
 
-import torch
-from torch import nn
 
 from mome_ray.alpha import AlphaSchedule
 from mome_ray.config import from_dict, to_dict
 from mome_ray.data import balanced_data
-from mome_ray.distill import KDRecipe, check_teacher, frozen_teacher, kd_train
+from mome_ray.evaluation import per_language_eval
+from mome_ray.kd import KDRecipe, check_teacher, frozen_teacher, kd_train
 from mome_ray.errors import MomeError
 from mome_ray.jeet import DDP_KWARGS, JEETConfig, JEETModel
 from mome_ray.models import ModelConfig, load_lm, n_params
-from mome_ray.moe import MoE, Routing
+from mome_ray.moe import MoE, Routed, Routing
 from mome_ray.storage import RunStore
 from mome_ray.tokenizer import load_tokenizer
-from mome_ray.training import TrainConfig, evaluate
 
 VARIANTS = {"jeet": False, "moe-ce": True}  # artifact name -> has the common expert
 
@@ -52,33 +50,10 @@ class MoEConfig(KDRecipe):
             raise MomeError(f"moe.eval_blocks and moe.top_k must be >= 1, got {self.eval_blocks}, {self.top_k}")
 
 
-class Routed(nn.Module):
-    """An MoE under fixed options, called like an HF model: `Routed(moe, force="fr")(input_ids=ids).logits`.
-
-    `route(ids, mask)` (a `moe.Router`) decides per batch; other keywords go to `MoE.forward` as they are
-    (`routing=`, `force=`, `mode=`, `k=`, `common=`). Lets `training.evaluate` and `distill.kd_step`,
-    written for HF models, run an MoE.
-    """
-
-    def __init__(self, moe: nn.Module, route=None, **select):
-        super().__init__()
-        self.moe, self.route, self.select = moe, route, select
-
-    def forward(self, input_ids: torch.Tensor):
-        routing = {"routing": self.route(input_ids, None)} if self.route is not None else {}
-        return self.moe(input_ids, **routing, **self.select)
-
-
 def build_jeet(cfg: MoEConfig, langs: list[str], tokenizer_dir: Path, common: bool) -> MoE:
     tok = load_tokenizer(tokenizer_dir)
     return MoE(JEETModel(JEETConfig(list(langs), len(tok), tok.eos_token_id, tok.pad_token_id, cfg.model,
                                     common=common, gate=common and cfg.gate)))
-
-
-def per_language_eval(moe: nn.Module, val: dict, device, train: TrainConfig) -> dict[str, float]:
-    """Validation loss of each language through its own expert (+ the common one in MoE-CE)."""
-    return {l: evaluate(Routed(moe, force=l), {l: blocks}, device, train.batch_size, train.bf16)[l]
-            for l, blocks in val.items()}
 
 
 def train_fn_per_worker(config: dict) -> None:
@@ -121,33 +96,16 @@ def variant_config(cfg: MoEConfig, name: str, langs: list[str], seed: int) -> di
     return {"langs": langs, "seed": seed, "moe": d, "variant": name}
 
 
-def train_moes(cfg: MoEConfig, langs: list[str], store: RunStore, ray_cfg, seed: int, fresh: bool = False,
-               log=print) -> dict[str, dict]:
+def train_moes(cfg: MoEConfig, langs: list[str], store: RunStore, ray_cfg, parents: dict[str, str], seed: int,
+               fresh: bool = False, log=print) -> dict[str, dict]:
     """Train JEET and MoE-CE unless up to date; returns {name: meta} of both (in RUN_DIR/moe/<name>/)."""
-    from mome_ray.artifacts import is_complete, read_meta, stage_writer, write_meta
-    from mome_ray.launch import TrainJob, export_checkpoint, fit_many, run_name
+    from mome_ray.model_runs import ModelRun, train_models
 
     check_teacher(cfg, store)
-    parents = {p: read_meta(store, p)["created"] for p in ("tokenizer", "teacher")}
-    configs = {name: variant_config(cfg, name, langs, seed) for name in VARIANTS}
-    jobs = []
-    for name, common in VARIANTS.items():
-        stage = f"moe/{name}"
-        if not fresh and is_complete(store, stage, configs[name]) and read_meta(store, stage)["parents"] == parents:
-            log(f"[moe] {name}: up to date in {store.uri(stage)}, skipped")
-            continue
-        loop = {"moe": to_dict(cfg), "langs": langs, "seed": seed, "name": name, "common": common,
-                "run": store.location}
-        jobs.append(TrainJob(run_name(store, name, loop, parents), train_fn_per_worker, loop, cfg.scaling,
-                             cfg.train.keep_checkpoints, fresh))
-
-    def export(job, result, resumed: bool) -> None:
-        name = job.loop_config["name"]
-        with stage_writer(store, f"moe/{name}") as out:
-            state = export_checkpoint(result, out)
-            metrics = {"final": state["history"][-1], "untrained": state["history"][0],
-                       "history": state["history"], "trace": state["trace"], "resumed": resumed}
-            write_meta(out, f"moe/{name}", configs[name], metrics, parents, seed)
-
-    fit_many(jobs, ray_cfg, store, on_done=export, max_parallel=cfg.max_parallel, log=log)
-    return {name: read_meta(store, f"moe/{name}") for name in VARIANTS}
+    runs = [ModelRun(f"moe/{name}", train_fn_per_worker,
+                     {"moe": to_dict(cfg), "langs": langs, "seed": seed, "name": name, "common": common,
+                      "run": store.location},
+                     cfg.scaling, variant_config(cfg, name, langs, seed), cfg.train.keep_checkpoints)
+            for name, common in VARIANTS.items()]
+    metas = train_models(store, runs, parents, ray_cfg, seed, fresh, cfg.max_parallel, log)
+    return {name: metas[f"moe/{name}"] for name in VARIANTS}

@@ -36,6 +36,11 @@ def parent_stamps(run: RunStore, parents: list[str]) -> dict[str, str]:
     return {p: read_meta(run, p)["created"] for p in parents}
 
 
+def parents_of(run: RunStore, stage: str) -> dict[str, str]:
+    """The stamps of `stage`'s parents (declared once, in STAGES): what its artifacts record and depend on."""
+    return parent_stamps(run, STAGES[stage][1])
+
+
 def fetch(cfg: Settings, log=print) -> dict[str, str]:
     """Download and unpack the Debian packages the configured sources need."""
     langs = resolve_langs(cfg.langs, cfg.corpus.code_langs, cfg.corpus.stopwords)
@@ -84,7 +89,7 @@ def _build_corpus(cfg: Settings, corpus_cfg, store: RunStore, log=print) -> tupl
 
 def tokenizer(cfg: Settings, log=print) -> dict:
     store = resolve_run_dir(cfg.run_dir)
-    parents = parent_stamps(store, ["corpus"])
+    parents = parents_of(store, "tokenizer")
     meta = on_cluster(_train_tokenizer, cfg, store, parents, cpus=cfg.ray.task_cpus, name="tokenizer", log=log)
     counts = meta["metrics"]["bpe_tokens"]
     log(f"vocab {meta['metrics']['vocab_size']}; BPE tokens per language (train): "
@@ -124,7 +129,7 @@ def teacher(cfg: Settings, fresh: bool = False, log=print) -> dict:
     from mome_ray.teacher import train_teacher
 
     store = resolve_run_dir(cfg.run_dir)
-    parents = parent_stamps(store, ["tokenizer"])
+    parents = parents_of(store, "teacher")
     init_ray(cfg.ray)
     with stage_writer(store, "teacher") as out:
         metrics = train_teacher(cfg.teacher, cfg.langs, store, cfg.ray, parents, cfg.seed, out, fresh=fresh)
@@ -148,9 +153,9 @@ def experts(cfg: Settings, fresh: bool = False, log=print) -> dict:
     from mome_ray.sweeps import markdown_table
 
     store = resolve_run_dir(cfg.run_dir)
-    parents = parent_stamps(store, ["tokenizer", "teacher"])
+    parents = parents_of(store, "experts")
     init_ray(cfg.ray)
-    metas = distill_students(cfg.distill, cfg.langs, store, cfg.ray, cfg.seed, fresh, log)
+    metas = distill_students(cfg.distill, cfg.langs, store, cfg.ray, parents, cfg.seed, fresh, log)
     table = on_cluster(expert_table, cfg, store, list(metas), cpus=cfg.ray.task_cpus, gpus=cfg.ray.task_gpus,
                        name="expert-table", log=log)
     with stage_writer(store, "experts", nested=True) as out:
@@ -187,7 +192,7 @@ def sweep_kd(cfg: Settings, log=print) -> dict:
     from mome_ray.kd_sweep import sweep_kd as run_sweep
 
     store = resolve_run_dir(cfg.run_dir)
-    parents = parent_stamps(store, ["tokenizer", "teacher"])
+    parents = parents_of(store, "experts")  # a sweep over the experts' recipe
     init_ray(cfg.ray)
     with stage_writer(store, "sweep_kd") as out:
         metrics = run_sweep(cfg, store, parents, out, log)
@@ -205,7 +210,7 @@ def router(cfg: Settings, log=print) -> dict:
     from mome_ray.router.evaluate import summary_lines
 
     store = resolve_run_dir(cfg.run_dir)
-    parents = parent_stamps(store, ["corpus", "tokenizer"])
+    parents = parents_of(store, "router")
     meta = on_cluster(_train_router, cfg, store, parents, cpus=cfg.ray.task_cpus, name="router", log=log)
     for line in summary_lines(meta["metrics"]):
         log(line)
@@ -228,7 +233,7 @@ def sweep_router(cfg: Settings, log=print) -> dict:
     from mome_ray.router.train import sweep_and_train
 
     store = resolve_run_dir(cfg.run_dir)
-    parents = parent_stamps(store, ["corpus", "tokenizer"])
+    parents = parents_of(store, "router")
     init_ray(cfg.ray)
     with store.view(["corpus", "tokenizer"]) as run_dir, stage_writer(store, "router") as out:
         metrics = sweep_and_train(cfg.router, cfg.langs, run_dir, _holdout_sources(cfg), cfg.seed, out,
@@ -249,10 +254,10 @@ def moe(cfg: Settings, fresh: bool = False, log=print) -> dict:
     from mome_ray.sweeps import markdown_table
 
     store = resolve_run_dir(cfg.run_dir)
-    parents = parent_stamps(store, STAGES["moe"][1])
+    parents = parents_of(store, "moe")
     init_ray(cfg.ray)
     t0 = time.perf_counter()
-    metas = train_moes(cfg.moe, cfg.langs, store, cfg.ray, cfg.seed, fresh, log)
+    metas = train_moes(cfg.moe, cfg.langs, store, cfg.ray, parents, cfg.seed, fresh, log)
     t1 = time.perf_counter()
     grid, routing = on_cluster(_run_grid, cfg, store, cpus=cfg.ray.task_cpus, gpus=cfg.ray.task_gpus,
                                name="moe-grid", log=log)
@@ -285,10 +290,10 @@ def forgetting(cfg: Settings, log=print) -> dict:
     from mome_ray.forgetting import forgetting_study
 
     store = resolve_run_dir(cfg.run_dir)
-    parents = parent_stamps(store, STAGES["forgetting"][1])
+    parents = parents_of(store, "forgetting")
     init_ray(cfg.ray)
     t0 = time.perf_counter()
-    with stage_writer(store, "forgetting") as out:
+    with stage_writer(store, "forgetting", nested=True) as out:  # beside the regimes' models
         metrics = forgetting_study(cfg.forgetting, cfg.langs, store, cfg.ray, parents, cfg.seed, out, log)
         metrics["seconds"] = round(time.perf_counter() - t0, 1)
         meta = write_meta(out, "forgetting", stage_config(cfg, "forgetting"), metrics, parents, cfg.seed)

@@ -10,7 +10,8 @@ from mome_ray import stages
 from mome_ray.alpha import AlphaConfig
 from mome_ray.artifacts import read_meta
 from mome_ray.config import from_dict
-from mome_ray.distill import DistillConfig, kd_step, plan
+from mome_ray.distill import DistillConfig, plan
+from mome_ray.kd import kd_step
 from mome_ray.errors import MomeError
 from mome_ray.losses import reverse_kl
 from mome_ray.models import ModelConfig, build_gpt2, load_lm

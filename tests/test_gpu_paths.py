@@ -14,7 +14,7 @@ import torch
 import torch.serialization
 
 from mome_ray.cluster import RayConfig, ScalingArgs
-from mome_ray.distill import frozen_teacher, teacher_dtype
+from mome_ray.kd import frozen_teacher, teacher_dtype
 from mome_ray.errors import MomeError
 from mome_ray.launch import RoomWatch, export_checkpoint, slots, times_fit, wait_for_room
 from mome_ray.serving import replica_device

@@ -18,7 +18,8 @@ from mome_ray.distill import plan
 from mome_ray.grid import route_for
 from mome_ray.jeet import COMMON, JEETModel
 from mome_ray.moe import MoE
-from mome_ray.moe_train import Routed, train_moes
+from mome_ray.moe import Routed
+from mome_ray.moe_train import train_moes
 from mome_ray.settings import load_settings
 from mome_ray.training import evaluate
 
@@ -40,7 +41,8 @@ def many(ray_head, tmp_path_factory):
     quiet = lambda *a: None  # noqa: E731
     for stage in (stages.corpus, stages.tokenizer, stages.teacher, stages.router):
         stage(cfg, log=quiet)
-    moes = train_moes(cfg.moe, cfg.langs, RunStore(cfg.run_dir), cfg.ray, cfg.seed, log=quiet)
+    moes = train_moes(cfg.moe, cfg.langs, RunStore(cfg.run_dir), cfg.ray,
+                      stages.parents_of(RunStore(cfg.run_dir), "moe"), cfg.seed, log=quiet)
     return cfg, moes
 
 

@@ -16,13 +16,13 @@ import torch
 from mome_ray import stages
 from mome_ray.add_expert import add_expert
 from mome_ray.artifacts import read_meta
-from mome_ray.distill import kd_step
+from mome_ray.kd import kd_step
 from mome_ray.evaluation import Row, perplexity_table
 from mome_ray.jeet import COMMON, JEETConfig, JEETModel
 from mome_ray.losses import reverse_kl
 from mome_ray.models import ModelConfig, build_gpt2
 from mome_ray.moe import MoE, Routing
-from mome_ray.moe_train import Routed
+from mome_ray.moe import Routed
 from mome_ray.settings import load_settings
 from mome_ray.training import TrainConfig, build_optimizer, build_schedule
 from tests.conftest import copy_teacher_run, tiny_overrides
