@@ -315,17 +315,23 @@ STAGES = {
 }
 
 
-def run_pipeline(cfg: Settings, force: bool = False, log=print) -> None:
-    """Every stage in order (a stage whose artifact matches its config and parents is skipped), then the report."""
+def run_pipeline(cfg: Settings, force: bool = False, log=print) -> dict[str, float]:
+    """Every stage in order (a stage whose artifact matches its config and parents is skipped), then the
+    report; returns the seconds each stage took."""
     from mome_ray.report import write_report
 
     store = resolve_run_dir(cfg.run_dir)
+    seconds = {}
     for name, (fn, parents, section) in STAGES.items():
         done = is_complete(store, name, stage_config(cfg, section))
         if done and not force and read_meta(store, name)["parents"] == parent_stamps(store, parents):
             log(f"== {name}: up to date in {store.uri(name)}, skipped")
             continue
         log(f"== {name}")
+        t0 = time.perf_counter()
         fn(cfg, log=log)
+        seconds[name] = round(time.perf_counter() - t0, 1)
+        log(f"== {name}: done in {seconds[name]:.0f} s")
     log(f"\nrun directory: {store.location}")
     log(f"report: {write_report(store)}")
+    return seconds
