@@ -19,7 +19,7 @@ from mome_ray.data import eval_blocks as first_blocks
 from mome_ray.data import load_blocks
 from mome_ray.models import load_lm, n_params
 from mome_ray.moe import Routed
-from mome_ray.training import TrainConfig, evaluate, perplexity
+from mome_ray.training import TrainConfig, evaluate, perplexity, process_device
 
 
 @dataclass
@@ -37,10 +37,10 @@ def perplexity_table(rows: list[Row], tokenizer_dir: Path, langs: list[str], blo
     for row in rows:
         for lang, model_dir in row.models.items():
             needs.setdefault(Path(model_dir), {})[lang] = None
-    results = {}
+    results, device = {}, process_device()  # the GPU of an evaluation task given one (ray.task_gpus)
     for model_dir, model_langs in needs.items():
-        model = load_lm(model_dir, tokenizer_dir)
-        results[model_dir] = (evaluate(model, {l: val[l] for l in model_langs}, torch.device("cpu"), batch_size,
+        model = load_lm(model_dir, tokenizer_dir).to(device)
+        results[model_dir] = (evaluate(model, {l: val[l] for l in model_langs}, device, batch_size,
                                        bf16=False), n_params(model))
     records = []
     for row in rows:

@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from mome_ray.moe import MoE, Routed, Router, Routing, text_router
-from mome_ray.training import evaluate, perplexity
+from mome_ray.training import evaluate, perplexity, process_device
 
 
 @dataclass
@@ -101,13 +101,13 @@ def evaluate_grid(rows: list[GridRow], val: dict, batch_size: int = 16):
     """One record per row: loss/<lang>, ppl/<lang>, means, eval seconds, active and total parameters."""
     import pandas as pd
 
-    cpu, records = torch.device("cpu"), []
+    device, records = process_device(), []  # the GPU of an evaluation task given one (ray.task_gpus)
     for row in rows:
         record, seconds = {"model": row.model, "row": row.row}, 0.0
         losses = {}
         for lang, blocks in val.items():
             t0 = time.perf_counter()
-            losses[lang] = evaluate(row.modules(lang), {lang: blocks}, cpu, batch_size, bf16=False)[lang]
+            losses[lang] = evaluate(row.modules(lang).to(device), {lang: blocks}, device, batch_size, bf16=False)[lang]
             seconds += time.perf_counter() - t0
         record.update({f"loss/{l}": round(v, 4) for l, v in losses.items()})
         record.update({f"ppl/{l}": round(perplexity(v), 2) for l, v in losses.items()})

@@ -169,19 +169,6 @@ class GenRequest:
     seed: int = 0
 
 
-def replica_device() -> torch.device:
-    """Where this process's model belongs: the GPU Ray gave it (a Serve replica with `num_gpus`, whole or a
-    fraction), else the CPU. Ray sets CUDA_VISIBLE_DEVICES to the GPUs it gave, so the device index is the
-    GPU's position in that list (the same rule `ray.train.torch.get_device` applies to Train ranks)."""
-    import ray
-
-    gpu_ids = [str(i) for i in ray.get_gpu_ids()] if ray.is_initialized() else []
-    if not gpu_ids or not torch.cuda.is_available():
-        return torch.device("cpu")
-    visible = [d for d in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if d]
-    return torch.device(f"cuda:{visible.index(gpu_ids[0]) if gpu_ids[0] in visible else 0}")
-
-
 class ServedLM:
     """One causal LM from a safetensors directory, for batched scoring and generation on CPU or GPU."""
 

@@ -7,6 +7,7 @@ written twice. Nothing here imports Ray: eval all-reduces through `torch.distrib
 from __future__ import annotations
 
 import math
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -173,3 +174,16 @@ def eval_metrics(step: int, val: dict[str, float]) -> dict:
         m[f"val_loss/{lang}"] = loss
         m[f"val_ppl/{lang}"] = perplexity(loss)
     return m
+
+
+def process_device() -> torch.device:
+    """Where this Ray process's models belong: the GPU Ray gave it (a Serve replica or an evaluation task with
+    `num_gpus`, whole or a fraction), else the CPU. Ray sets CUDA_VISIBLE_DEVICES to the GPUs it gave, so the device index is the
+    GPU's position in that list (the same rule `ray.train.torch.get_device` applies to Train ranks)."""
+    import ray
+
+    gpu_ids = [str(i) for i in ray.get_gpu_ids()] if ray.is_initialized() else []
+    if not gpu_ids or not torch.cuda.is_available():
+        return torch.device("cpu")
+    visible = [d for d in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if d]
+    return torch.device(f"cuda:{visible.index(gpu_ids[0]) if gpu_ids[0] in visible else 0}")

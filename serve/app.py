@@ -41,7 +41,8 @@ from mome_ray.router.store import INFO as ROUTER_INFO
 from mome_ray.errors import MomeError
 from mome_ray.storage import RunStore
 from mome_ray.serving import (TEACHER, GenRequest, ServeConfig, ServedLM, ServeSpec, check_artifact,
-                               load_spec, replica_device)
+                               load_spec)
+from mome_ray.training import process_device
 from serve.api import (CompletionRequest, ExpertInfo, ExpertsResponse, GenerateRequest, GenerateResponse, Route,
                        RouteRequest, RouteResponse, ScoreRequest, ScoreResponse, Select)
 from serve.http import http_app
@@ -80,7 +81,7 @@ class Expert:
         source = (config["run"], config["stage"])
         if self.lm is None or self.lm.version != config["version"] or self.source != source:
             # on the replica's GPU when it has one; requests already running keep the model they hold
-            self.lm = ServedLM(RunStore(config["run"]).fetch(config["stage"]), replica_device())
+            self.lm = ServedLM(RunStore(config["run"]).fetch(config["stage"]), process_device())
             self.source = source
 
     def info(self) -> dict:

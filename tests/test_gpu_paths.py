@@ -17,7 +17,7 @@ from mome_ray.cluster import RayConfig, ScalingArgs
 from mome_ray.kd import frozen_teacher, teacher_dtype
 from mome_ray.errors import MomeError
 from mome_ray.launch import RoomWatch, export_checkpoint, slots, times_fit, wait_for_room
-from mome_ray.serving import replica_device
+from mome_ray.training import process_device
 from mome_ray.sweeps import max_concurrent
 from mome_ray.training import TrainConfig, build_optimizer, build_schedule, load_state, save_state
 
@@ -204,12 +204,12 @@ def test_replica_device_follows_the_gpu_serve_gave_the_replica(monkeypatch):
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "2,3")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(ray, "get_gpu_ids", lambda: [3])
-    assert replica_device() == torch.device("cuda:1")
+    assert process_device() == torch.device("cuda:1")
     monkeypatch.setattr(ray, "get_gpu_ids", lambda: [])  # num_gpus: 0
-    assert replica_device() == torch.device("cpu")
+    assert process_device() == torch.device("cpu")
     monkeypatch.setattr(ray, "get_gpu_ids", lambda: ["3"])
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # a GPU resource but no CUDA torch
-    assert replica_device() == torch.device("cpu")
+    assert process_device() == torch.device("cpu")
 
 
 def test_teacher_is_bf16_only_on_cuda_with_bf16_training():
