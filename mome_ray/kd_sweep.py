@@ -80,7 +80,8 @@ def sweep_kd(cfg, store: RunStore, parents: dict, out_dir: Path, log=print) -> d
 
     from mome_ray.kd import check_teacher
     from mome_ray.launch import run_name, run_resources, wait_for_room
-    from mome_ray.sweeps import TRIAL_CPU, load_space, max_concurrent, to_tune, tracking_callbacks, write_table
+    from mome_ray.sweeps import (TRIAL_CPU, load_space, max_concurrent, restore_or_new, to_tune, tracking_callbacks,
+                                 write_table)
 
     d: DistillConfig = cfg.distill
     s = d.sweep
@@ -104,21 +105,17 @@ def sweep_kd(cfg, store: RunStore, parents: dict, out_dir: Path, log=print) -> d
     path = f"{storage.rstrip('/')}/{name}"
     log(f"[sweep kd] expert '{lang}', {base['train']['max_steps']} steps per trial, {width} trials at a time, "
         f"ASHA on val_ppl (grace {s.grace_period} of {evals} evaluations); {path}")
-    if tune.Tuner.can_restore(path):
-        log(f"[sweep kd] restoring the interrupted sweep {name}")
-        tuner = tune.Tuner.restore(path, trainable, resume_errored=True)
-    else:
-        tuner = tune.Tuner(
-            trainable,
-            param_space={"params": to_tune(space), **fixed, "sweep": name},
-            tune_config=tune.TuneConfig(
-                metric="val_ppl", mode="min", num_samples=s.num_samples, max_concurrent_trials=width,
-                scheduler=ASHAScheduler(time_attr="training_iteration", max_t=evals,
-                                        grace_period=min(s.grace_period, evals)),
-            ),
-            run_config=tune.RunConfig(name=name, storage_path=storage,
-                                      callbacks=tracking_callbacks(s.mlflow_uri, f"{store.name}-sweep-kd")),
-        )
+    tuner = restore_or_new(path, trainable, lambda: tune.Tuner(
+        trainable,
+        param_space={"params": to_tune(space), **fixed, "sweep": name},
+        tune_config=tune.TuneConfig(
+            metric="val_ppl", mode="min", num_samples=s.num_samples, max_concurrent_trials=width,
+            scheduler=ASHAScheduler(time_attr="training_iteration", max_t=evals,
+                                    grace_period=min(s.grace_period, evals)),
+        ),
+        run_config=tune.RunConfig(name=name, storage_path=storage,
+                                  callbacks=tracking_callbacks(s.mlflow_uri, f"{store.name}-sweep-kd")),
+    ), log)
     grid = tuner.fit()
     df = results_frame(grid)
     write_table(df, out_dir, "results")

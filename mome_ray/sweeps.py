@@ -76,6 +76,17 @@ def max_concurrent(need: dict[str, float], limit: int = 0, have: dict[str, float
     return min(n, limit) if limit else n
 
 
+def restore_or_new(path: str, trainable, new, log=print):
+    """The sweep stored at `path` restored when an interrupted run of it exists (finished trials kept,
+    unfinished ones resumed), else `new()`, a fresh Tuner: re-running a sweep never starts over."""
+    from ray import tune
+
+    if tune.Tuner.can_restore(path):
+        log(f"restoring the interrupted sweep {path}")
+        return tune.Tuner.restore(path, trainable, resume_errored=True)
+    return new()
+
+
 def tracking_callbacks(mlflow_uri: str, experiment: str) -> list:
     """Tune logs CSV, JSON and TensorBoard event files by default; MLflow as well when given a URI."""
     if not mlflow_uri:

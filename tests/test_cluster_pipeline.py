@@ -116,8 +116,8 @@ def test_serve_from_s3_answers_from_the_second_node(two_node_cluster, pipeline_r
     run = pipeline_run[0]
     port = _free_port()
     env = {**two_node_cluster.env, "RAY_ADDRESS": two_node_cluster.address}
-    proc = subprocess.Popen([str(Path(sys.executable).parent / "mome"), "serve", run, "--port", str(port),
-                             "serve.teacher=false"], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+    proc = subprocess.Popen([str(Path(sys.executable).parent / "mome"), "serve", run, "serve.teacher=false",
+                             "--port", str(port)], cwd=ROOT, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     try:
@@ -146,11 +146,12 @@ def test_serve_from_s3_answers_from_the_second_node(two_node_cluster, pipeline_r
                                  two_node_cluster.dashboard], env=env, capture_output=True, text=True, timeout=60)
         assert "HEALTHY" in status.stdout, status.stdout + status.stderr
     finally:
-        os.killpg(proc.pid, signal.SIGINT)
-        try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGINT)
+            try:
+                proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
 
 
 def test_a_killed_stage_resumes_from_its_s3_checkpoint(two_node_cluster, pipeline_run):

@@ -57,6 +57,12 @@ def test_two_trial_kd_sweep(tiny_teacher, tmp_path):
     # Tune's default loggers wrote TensorBoard event files for every trial.
     events = list(Path(meta["metrics"]["tune_dir"]).rglob("events.out.tfevents*"))
     assert len(events) >= 2
+    # Run again: the same sweep (same fingerprint) is restored from its storage, not started over.
+    lines = []
+    again = stages.sweep_kd(cfg, log=lines.append)
+    assert any("restoring the interrupted sweep" in line for line in lines)
+    assert again["metrics"]["tune_dir"] == meta["metrics"]["tune_dir"]
+    assert again["metrics"]["best_val_ppl"] == meta["metrics"]["best_val_ppl"]
 
 
 def test_unknown_space_key_is_refused(tiny_teacher, tmp_path):

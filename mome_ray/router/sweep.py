@@ -83,7 +83,7 @@ def sweep_router(base: RouterConfig, run: str, data: tuple, storage: str, callba
     from mome_ray.config import to_dict
     from mome_ray.launch import run_name
     from mome_ray.storage import RunStore
-    from mome_ray.sweeps import load_space, max_concurrent, to_tune
+    from mome_ray.sweeps import load_space, max_concurrent, restore_or_new, to_tune
 
     sweep = base.sweep
     space = load_space(sweep.space)
@@ -99,17 +99,13 @@ def sweep_router(base: RouterConfig, run: str, data: tuple, storage: str, callba
     concurrent = max_concurrent({"CPU": sweep.cpus_per_trial}, sweep.max_concurrent)
     log(f"sweeping '{sweep.space}' ({sweep.num_samples} sample(s) per grid point, {concurrent} trial(s) at once) "
         f"into {path} ...")
-    if tune.Tuner.can_restore(path):
-        log(f"restoring the interrupted sweep {name}")
-        tuner = tune.Tuner.restore(path, trainable, resume_errored=True)
-    else:
-        tuner = tune.Tuner(
-            trainable,
-            param_space=to_tune(space),
-            tune_config=tune.TuneConfig(metric=sweep.metric, mode="max", num_samples=sweep.num_samples,
-                                        max_concurrent_trials=concurrent),
-            run_config=tune.RunConfig(name=name, storage_path=storage, callbacks=callbacks, verbose=0),
-        )
+    tuner = restore_or_new(path, trainable, lambda: tune.Tuner(
+        trainable,
+        param_space=to_tune(space),
+        tune_config=tune.TuneConfig(metric=sweep.metric, mode="max", num_samples=sweep.num_samples,
+                                    max_concurrent_trials=concurrent),
+        run_config=tune.RunConfig(name=name, storage_path=storage, callbacks=callbacks, verbose=0),
+    ), log)
     df = results_frame(tuner.fit(), sweep.metric)
     best = trial_router_config(base, df["_config"][0])
     return df.drop(columns="_config"), best
