@@ -22,6 +22,7 @@ Ray cluster on 127.0.0.1. A user mistake prints one clear line and exits 2.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from mome_ray.errors import MomeError
@@ -73,20 +74,17 @@ def _parser() -> argparse.ArgumentParser:
     a.add_argument("--source", required=True, help="a folder of text files in that language")
     r = sub.add_parser("report", help="write RUN_DIR/report.md + PNG plots of every stage that has run")
     r.add_argument("run_dir", help="the run directory (e.g. runs/small)")
-    sv = sub.add_parser("serve", help="serve the run's router + experts over HTTP with Ray Serve (Ctrl-C stops)")
-    sv.add_argument("run_dir", help="the run directory (e.g. runs/small), after `mome moe`")
-    sv.add_argument("--config", "-c", help="a preset whose `serve:` section configures the app")
-    sv.add_argument("--host", help="bind address (default serve.host: 127.0.0.1)")
-    sv.add_argument("--port", type=int, help="port (default serve.port: 8000)")
-    sv.add_argument("--deploy-config", metavar="FILE", help="write a `serve deploy` config pinned to the run's "
-                    "current weights to FILE and exit (deploy it again after a re-distil: a hot update)")
-    sv.add_argument("overrides", nargs="*", metavar="key.path=value", help="config overrides, e.g. serve.teacher=false")
+    # `mome serve` is the app layer's own command (serve/launch.py): listed here, run there.
+    sub.add_parser("serve", help="serve the run's router + experts over HTTP with Ray Serve (`mome serve --help`)")
     pl = stage("pipeline", "run every stage in order, skipping the ones already up to date")
     pl.add_argument("--force", action="store_true", help="re-run every stage")
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["serve"]:  # the app layer's entry point, in this process (the library never imports it)
+        os.execv(sys.executable, [sys.executable, "-m", "serve.launch", *argv[1:]])
     args = _parser().parse_args(argv)
     try:
         from mome_ray import stages
@@ -96,15 +94,6 @@ def main(argv: list[str] | None = None) -> int:
             from mome_ray.report import write_report
 
             print(f"report: {write_report(args.run_dir)}")
-            return 0
-        if args.cmd == "serve":  # the app lives in serve/ (how models are exposed), not in the library
-            from serve.launch import serve_forever, write_deploy_config
-
-            if args.deploy_config:
-                write_deploy_config(args.deploy_config, args.run_dir, args.config, args.overrides, args.host,
-                                    args.port)
-            else:
-                serve_forever(args.run_dir, args.config, args.overrides, args.host, args.port)
             return 0
         cfg = load_settings(args.config, args.overrides)
         if args.cmd == "corpus":

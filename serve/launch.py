@@ -13,8 +13,10 @@ only the changed experts' user_config differs, so Serve swaps them in place (`Ex
 
 from __future__ import annotations
 
+import argparse
 import ipaddress
 import signal
+import sys
 import time
 from pathlib import Path
 
@@ -79,11 +81,16 @@ def start(run_dir: str, config: str | None, overrides: list[str], host: str | No
     return url
 
 
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
 def serve_forever(run_dir: str, config: str | None, overrides: list[str], host: str | None = None,
                   port: int | None = None) -> None:
     from ray import serve
 
     url = start(run_dir, config, overrides, host, port)
+    signal.signal(signal.SIGTERM, _interrupt)  # `ray job stop`, systemd, Kubernetes: the same clean shutdown
     print(f"try: curl -s {url}/v1/generate -d '{{\"prompt\": \"def fib(n):\", \"max_new_tokens\": 32}}'\n"
           f"Ctrl-C stops the app.", flush=True)
     try:
@@ -95,3 +102,35 @@ def serve_forever(run_dir: str, config: str | None, overrides: list[str], host: 
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not break the shutdown
         serve.shutdown()
         print("[serve] stopped")
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="mome serve", description="serve the run's router + experts over HTTP with "
+                                "Ray Serve (Ctrl-C or SIGTERM stops it)")
+    p.add_argument("run_dir", help="the run directory (runs/small, /mnt/shared/runs/x or s3://bucket/runs/x), "
+                   "after `mome moe`")
+    p.add_argument("--config", "-c", help="a preset whose `serve:` section configures the app")
+    p.add_argument("--host", help="bind address (default serve.host: 127.0.0.1)")
+    p.add_argument("--port", type=int, help="port (default serve.port: 8000)")
+    p.add_argument("--deploy-config", metavar="FILE", help="write a `serve deploy` config pinned to the run's "
+                   "current weights to FILE and exit (deploy it again after a re-distil: a hot update)")
+    p.add_argument("overrides", nargs="*", metavar="key.path=value", help="config overrides, e.g. serve.teacher=false")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`mome serve ...` (the library's CLI hands this command over to the app layer)."""
+    args = _parser().parse_intermixed_args(argv)  # overrides may come before or after the options
+    try:
+        if args.deploy_config:
+            write_deploy_config(args.deploy_config, args.run_dir, args.config, args.overrides, args.host, args.port)
+        else:
+            serve_forever(args.run_dir, args.config, args.overrides, args.host, args.port)
+    except MomeError as e:
+        print(f"mome serve: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

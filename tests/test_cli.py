@@ -48,3 +48,22 @@ def test_sweep_needs_a_known_sweep(capsys):
 def test_bad_kd_loss_exits_2(capsys):
     assert main(["distill", "--config", str(ROOT / "configs/tiny.yaml"), "distill.kd_loss=kl"]) == 2
     assert "distill.kd_loss 'kl' is not one of" in capsys.readouterr().err
+
+
+def test_serve_is_the_app_layers_command_with_options_anywhere(tmp_path):
+    from serve.launch import _parser
+
+    # `mome serve` hands over to serve/launch.py (the library never imports the app); overrides may come
+    # before or after the options, as in every other mome command.
+    args = _parser().parse_intermixed_args(["runs/x", "serve.teacher=false", "--port", "8100", "serve.x=1"])
+    assert args.port == 8100 and args.overrides == ["serve.teacher=false", "serve.x=1"]
+    out = subprocess.run([sys.executable, "-m", "mome_ray.cli", "serve", str(tmp_path / "none"), "--port", "8100",
+                          "serve.teacher=false"], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert out.returncode == 2 and "no MoE artifact" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_the_library_never_imports_the_app_layer():
+    code = ("import sys, mome_ray.cli, mome_ray.stages, mome_ray.serving, mome_ray.report; "
+            "print([m for m in sys.modules if m.split('.')[0] in ('serve', 'jobs', 'tune_spaces')])")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert out.stdout.strip() == "[]", out.stdout + out.stderr
