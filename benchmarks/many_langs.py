@@ -137,7 +137,7 @@ def main() -> None:
     from mome_ray.storage import RunStore
 
     stage("JEET + MoE-CE (Ray Train)", lambda: train_moes(
-        cfg.moe, cfg.langs, RunStore(run_dir), cfg.ray, stages.parents_of(RunStore(run_dir), "moe"), cfg.seed, log=quiet))
+        cfg.moe, cfg.langs, RunStore(run_dir), cfg.ray, stages.parents_of(RunStore(run_dir), "experts"), cfg.seed, log=quiet))
     result = {}
     stage("JEET eval through the router", lambda: result.update(jeet_through_router(cfg)))
     sampler.stop()

@@ -257,7 +257,8 @@ def moe(cfg: Settings, fresh: bool = False, log=print) -> dict:
     parents = parents_of(store, "moe")
     init_ray(cfg.ray)
     t0 = time.perf_counter()
-    metas = train_moes(cfg.moe, cfg.langs, store, cfg.ray, parents, cfg.seed, fresh, log)
+    # JEET / MoE-CE are KD runs: they depend on what the experts depend on (tokenizer, teacher), not on them
+    metas = train_moes(cfg.moe, cfg.langs, store, cfg.ray, parents_of(store, "experts"), cfg.seed, fresh, log)
     t1 = time.perf_counter()
     grid, routing = on_cluster(_run_grid, cfg, store, cpus=cfg.ray.task_cpus, gpus=cfg.ray.task_gpus,
                                name="moe-grid", log=log)

@@ -42,7 +42,7 @@ def many(ray_head, tmp_path_factory):
     for stage in (stages.corpus, stages.tokenizer, stages.teacher, stages.router):
         stage(cfg, log=quiet)
     moes = train_moes(cfg.moe, cfg.langs, RunStore(cfg.run_dir), cfg.ray,
-                      stages.parents_of(RunStore(cfg.run_dir), "moe"), cfg.seed, log=quiet)
+                      stages.parents_of(RunStore(cfg.run_dir), "experts"), cfg.seed, log=quiet)
     return cfg, moes
 
 
