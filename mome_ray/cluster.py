@@ -10,7 +10,10 @@ Env vars are set before Ray starts so the raylet and all workers inherit them.
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -160,6 +163,19 @@ def on_cluster(fn, *args, cpus: float = 1, gpus: float = 0, name: str = "", log=
     except KeyboardInterrupt:
         ray.cancel(ref, force=True)
         raise
+
+
+@contextlib.contextmanager
+def sigint_kept():
+    """Put this process's SIGINT handler back after the block: Train V2's `fit()` and Tune's `Tuner.fit()`
+    install their own in the main thread and leave it behind (Ray 2.60), so a later Ctrl-C in the same
+    driver (e.g. during `fit_many` after the teacher) would only poke a finished run instead of interrupting."""
+    handler = signal.getsignal(signal.SIGINT)
+    try:
+        yield
+    finally:
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGINT, handler)
 
 
 def storage_path(cfg: RayConfig, run: RunStore) -> str:

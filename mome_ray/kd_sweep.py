@@ -80,8 +80,8 @@ def sweep_kd(cfg, store: RunStore, parents: dict, out_dir: Path, log=print) -> d
 
     from mome_ray.kd import check_teacher
     from mome_ray.launch import run_name, run_resources, wait_for_room
-    from mome_ray.sweeps import (TRIAL_CPU, load_space, max_concurrent, restore_or_new, to_tune, tracking_callbacks,
-                                 write_table)
+    from mome_ray.sweeps import (TRIAL_CPU, fit_sweep, load_space, max_concurrent, restore_or_new, to_tune,
+                                 tracking_callbacks, write_table)
 
     d: DistillConfig = cfg.distill
     s = d.sweep
@@ -116,7 +116,7 @@ def sweep_kd(cfg, store: RunStore, parents: dict, out_dir: Path, log=print) -> d
         run_config=tune.RunConfig(name=name, storage_path=storage,
                                   callbacks=tracking_callbacks(s.mlflow_uri, f"{store.name}-sweep-kd")),
     ), log)
-    grid = tuner.fit()
+    grid = fit_sweep(tuner)
     df = results_frame(grid)
     write_table(df, out_dir, "results")
     ok = df[df["error"] == ""]

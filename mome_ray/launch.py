@@ -38,7 +38,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from mome_ray.cluster import RayConfig, ScalingArgs, storage_path
+from mome_ray.cluster import RayConfig, ScalingArgs, sigint_kept, storage_path
 from mome_ray.errors import MomeError
 from mome_ray.storage import RunStore
 
@@ -176,7 +176,8 @@ def fit(train_fn, loop_config: dict, scaling: ScalingArgs, ray_cfg: RayConfig, r
             callbacks=list(callbacks),
         ),
     )
-    return trainer.fit(), resumed
+    with sigint_kept():  # Train's own handler aborts this run on Ctrl-C, then goes
+        return trainer.fit(), resumed
 
 
 def _fit_job(job: TrainJob, ray_cfg: RayConfig, run_dir: Path):

@@ -76,6 +76,14 @@ def max_concurrent(need: dict[str, float], limit: int = 0, have: dict[str, float
     return min(n, limit) if limit else n
 
 
+def fit_sweep(tuner):
+    """`tuner.fit()`, leaving this process's Ctrl-C handler as it was (`cluster.sigint_kept`)."""
+    from mome_ray.cluster import sigint_kept
+
+    with sigint_kept():
+        return tuner.fit()
+
+
 def restore_or_new(path: str, trainable, new, log=print):
     """The sweep stored at `path` restored when an interrupted run of it exists (finished trials kept,
     unfinished ones resumed), else `new()`, a fresh Tuner: re-running a sweep never starts over."""

@@ -81,3 +81,14 @@ def test_ctrl_c_stops_every_run_and_a_rerun_resumes_them(ray_head, tmp_path):
         result, resumed = out[job.name]
         assert resumed and result.metrics["start"] >= 1, result.metrics  # went on from its checkpoint
         assert Path(result.checkpoint.path).name.startswith("checkpoint_")
+
+
+def test_a_handler_installed_by_train_or_tune_does_not_outlive_the_run():
+    import signal
+
+    from mome_ray.cluster import sigint_kept
+
+    before = signal.getsignal(signal.SIGINT)
+    with sigint_kept():
+        signal.signal(signal.SIGINT, lambda *a: None)  # what Train's fit() / Tune's fit() leave behind
+    assert signal.getsignal(signal.SIGINT) is before

@@ -83,7 +83,7 @@ def sweep_router(base: RouterConfig, run: str, data: tuple, storage: str, callba
     from mome_ray.config import to_dict
     from mome_ray.launch import run_name
     from mome_ray.storage import RunStore
-    from mome_ray.sweeps import load_space, max_concurrent, restore_or_new, to_tune
+    from mome_ray.sweeps import fit_sweep, load_space, max_concurrent, restore_or_new, to_tune
 
     sweep = base.sweep
     space = load_space(sweep.space)
@@ -106,6 +106,6 @@ def sweep_router(base: RouterConfig, run: str, data: tuple, storage: str, callba
                                     max_concurrent_trials=concurrent),
         run_config=tune.RunConfig(name=name, storage_path=storage, callbacks=callbacks, verbose=0),
     ), log)
-    df = results_frame(tuner.fit(), sweep.metric)
+    df = results_frame(fit_sweep(tuner), sweep.metric)
     best = trial_router_config(base, df["_config"][0])
     return df.drop(columns="_config"), best
