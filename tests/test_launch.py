@@ -49,7 +49,13 @@ def _train_workers_alive(address: str) -> list:
             if a.class_name in ("RayTrainWorker", "TrainController")]
 
 
-def test_ctrl_c_stops_every_run_and_a_rerun_resumes_them(ray_head, tmp_path):
+def test_ctrl_c_stops_every_run_and_a_rerun_resumes_them(ray_head, tmp_path, request):
+    import signal
+
+    # The driver's Ctrl-C handler as a fresh `mome` process has it: an earlier test of this session may have
+    # left one of Ray's behind (see test_a_handler_installed_by_train_or_tune_does_not_outlive_the_run).
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    request.addfinalizer(lambda: signal.signal(signal.SIGINT, previous))
     storage = tmp_path / "ray_results"
     ray_cfg = RayConfig(storage_path=str(storage), max_failures=0, wait_for_resources_s=60)
     fn = _ticking_train_fn()
