@@ -80,7 +80,7 @@ def jeet_through_router(cfg) -> dict:
     """JEET's 'router top-1' row of the evaluation grid on every language, and the router's accuracy there."""
     import torch
 
-    from mome_ray.data import eval_blocks, load_blocks
+    from mome_ray.evaluation import eval_sets
     from mome_ray.grid import evaluate_grid, moe_rows, route_for
     from mome_ray.jeet import JEETModel
     from mome_ray.moe import MoE
@@ -89,13 +89,12 @@ def jeet_through_router(cfg) -> dict:
     routing, route = route_for(run_dir, cfg.langs, tok_dir)
     moe = MoE(JEETModel.load(run_dir / "moe" / "jeet"))
     row = [r for r in moe_rows("JEET", moe, route, routing, cfg.moe.top_k) if r.row == f"{routing} top-1"]
-    val = {l: eval_blocks(load_blocks(tok_dir, "val", l, cfg.moe.model.n_positions), cfg.moe.eval_blocks)
-           for l in cfg.langs}
-    grid = evaluate_grid(row, val)
-    hits = sum(int((route(l)(torch.from_numpy(b.astype("int64")), None).index == i).sum())
-               for i, (l, b) in enumerate(val.items()))
+    sets = eval_sets(tok_dir, cfg.langs, cfg.moe.model.n_positions, cfg.eval)
+    grid, _ = evaluate_grid(row, sets, cfg.eval)
+    hits = sum(int((route(l)(torch.from_numpy(s.blocks.astype("int64")), None).index == i).sum())
+               for i, (l, s) in enumerate(sets.items()))
     return {"routing": routing, "mean_ppl": float(grid["mean_ppl"][0]),
-            "routing_accuracy": hits / sum(len(b) for b in val.values())}
+            "routing_accuracy": hits / sum(len(s.blocks) for s in sets.values())}
 
 
 def main() -> None:

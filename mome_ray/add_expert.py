@@ -69,7 +69,7 @@ def add_expert(cfg, lang: str, source: str | Path, log=print) -> dict:
     from mome_ray.distill import distill_students
     from mome_ray.stages import parents_of
     from mome_ray.grid import evaluate_grid, grid_markdown_frame, moe_rows, route_for
-    from mome_ray.data import eval_blocks, load_blocks
+    from mome_ray.evaluation import eval_sets
     from mome_ray.moe import MoE, load_ple
     from mome_ray.sweeps import markdown_table
 
@@ -97,8 +97,8 @@ def add_expert(cfg, lang: str, source: str | Path, log=print) -> dict:
     experts = {l: run_dir / "experts" / l for l in langs}
     routing, route = route_for(run_dir, langs, run_dir / "tokenizer")
     block = cfg.distill.model.n_positions
-    val = {l: eval_blocks(load_blocks(run_dir / "tokenizer", "val", l, block), cfg.moe.eval_blocks) for l in langs}
-    grid = evaluate_grid(moe_rows("PLE", MoE(load_ple(experts)), route, routing, cfg.moe.top_k), val)
+    sets = eval_sets(run_dir / "tokenizer", langs, block, cfg.eval)
+    grid, _ = evaluate_grid(moe_rows("PLE", MoE(load_ple(experts)), route, routing, cfg.moe.top_k), sets, cfg.eval)
     name = f"moe_plus_{lang}"
     with stage_writer(run_dir, name) as out:
         (out / "ple.json").write_text(json.dumps({"experts": {l: f"experts/{l}" for l in langs},

@@ -1,17 +1,18 @@
 """The evaluation grid: every MoE variant under every routing option, beside the baselines, per language.
 
     rows = moe_rows("JEET", MoE(JEETModel.load(run/"moe/jeet")), route_for, top_k=2) + baseline_rows(...)
-    df = evaluate_grid(rows, val)          # val = {lang: (N, T) blocks}, the same blocks for every row
-    write_table(grid_markdown_frame(df), out, "grid")
+    df, docs = evaluate_grid(rows, sets, cfg.eval)   # sets = evaluation.eval_sets(...): the same test blocks
+    write_table(grid_markdown_frame(df), out, "grid")    # every row: perplexity [95 % interval] per language
 
 A row answers every language with a model: `modules(lang)` returns something called like an HF causal LM
 (`module(input_ids=ids).logits`). For an MoE that is `moe.Routed` under one option of the paper's
 grid (router top-1 ± common, each expert forced ± common, common alone, uniform average ± common) plus
-top-k mixing (beyond the paper). Per language: loss, perplexity and the seconds the evaluation took;
-per row: active parameters (what one sequence runs through) and total parameters.
+top-k mixing (beyond the paper). Per language: loss, perplexity with its 95 % bootstrap interval by document
+(`evaluation.py`) and the seconds the evaluation took; per row: active parameters (what one sequence runs
+through) and total parameters.
 
 Routing: `route_for(run_dir, names, tokenizer_dir)` uses the router artifact (RUN_DIR/router) when there is
-one, else an oracle that routes every validation block to its true language; the grid says which.
+one, else an oracle that routes every evaluation block to its true language; the grid says which.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ import torch
 from torch import nn
 
 from mome_ray.moe import MoE, Routed, Router, Routing, text_router
-from mome_ray.training import evaluate, perplexity, process_device
+from mome_ray.training import process_device
 
 
 @dataclass
@@ -97,42 +98,43 @@ def baseline_rows(models: dict[str, dict[str, Path]], tokenizer_dir: Path) -> li
     return rows
 
 
-def evaluate_grid(rows: list[GridRow], val: dict, batch_size: int = 16):
-    """One record per row: loss/<lang>, ppl/<lang>, means, eval seconds, active and total parameters."""
+def evaluate_grid(rows: list[GridRow], sets: dict, cfg):
+    """One record per row (interval columns of `evaluation.interval_columns`, eval seconds, active and total
+    parameters) and {"<model> | <row>": {lang: DocLosses}} for paired comparisons; `sets` = {lang: EvalSet}."""
     import pandas as pd
 
-    device, records = process_device(), []  # the GPU of an evaluation task given one (ray.task_gpus)
+    from mome_ray.evaluation import doc_losses, interval_columns
+
+    device, records, docs = process_device(), [], {}  # the GPU of an evaluation task given one (ray.task_gpus)
     for row in rows:
-        record, seconds = {"model": row.model, "row": row.row}, 0.0
-        losses = {}
-        for lang, blocks in val.items():
-            t0 = time.perf_counter()
-            losses[lang] = evaluate(row.modules(lang).to(device), {lang: blocks}, device, batch_size, bf16=False)[lang]
-            seconds += time.perf_counter() - t0
-        record.update({f"loss/{l}": round(v, 4) for l, v in losses.items()})
-        record.update({f"ppl/{l}": round(perplexity(v), 2) for l, v in losses.items()})
-        mean = sum(losses.values()) / len(losses)
-        record.update(mean_loss=round(mean, 4), mean_ppl=round(perplexity(mean), 2), eval_s=round(seconds, 2),
-                      active_params=row.active, total_params=row.total)
-        records.append(record)
-    return pd.DataFrame(records)
+        t0, losses = time.perf_counter(), {}
+        for lang, es in sets.items():
+            losses[lang] = doc_losses(row.modules(lang).to(device), es, device, cfg.batch_size)
+        docs[f"{row.model} | {row.row}"] = losses
+        records.append({"model": row.model, "row": row.row} | interval_columns(losses, cfg)
+                       | {"eval_s": round(time.perf_counter() - t0, 2), "active_params": row.active,
+                          "total_params": row.total})
+    return pd.DataFrame(records), docs
 
 
 def grid_markdown_frame(df):
-    """The grid as shown: perplexity per language, mean, eval time, parameters in millions."""
-    shown = df[["model", "row"] + [c for c in df.columns if c.startswith("ppl/")] + ["mean_ppl", "eval_s"]].copy()
-    shown.columns = [c.removeprefix("ppl/") for c in shown.columns]
-    shown["active_M"] = (df["active_params"] / 1e6).round(3)
-    shown["total_M"] = (df["total_params"] / 1e6).round(3)
-    return shown
+    """The grid as shown: perplexity [95 % interval] per language and mean, eval time, parameters in millions."""
+    from mome_ray.evaluation import shown
+
+    langs = [c.removeprefix("ppl/") for c in df.columns if c.startswith("ppl/")]
+    out = shown(df.drop(columns=["active_params", "total_params"]), langs)
+    out["active_M"] = (df["active_params"] / 1e6).round(3)
+    out["total_M"] = (df["total_params"] / 1e6).round(3)
+    return out
 
 
-def run_grid(run_dir: Path, langs: list[str], cfg, block_size: int, log=print) -> tuple:
-    """The whole grid of a run: PLE (RUN_DIR/experts/<lang>), JEET and MoE-CE (RUN_DIR/moe/), baselines.
+def run_grid(run_dir: Path, langs: list[str], cfg, eval_cfg, block_size: int, log=print) -> tuple:
+    """The whole grid of a run: PLE (RUN_DIR/experts/<lang>), JEET and MoE-CE (RUN_DIR/moe/), baselines, on the
+    test split (`eval_cfg`: `evaluation.EvalConfig`).
 
-    `cfg` is the run's `MoEConfig`. Returns (DataFrame, "router" | "oracle").
+    `cfg` is the run's `MoEConfig`. Returns (DataFrame, {row: {lang: DocLosses}}, "router" | "oracle").
     """
-    from mome_ray.data import eval_blocks, load_blocks
+    from mome_ray.evaluation import eval_sets
     from mome_ray.jeet import JEETModel
     from mome_ray.moe import load_ple
 
@@ -147,7 +149,8 @@ def run_grid(run_dir: Path, langs: list[str], cfg, block_size: int, log=print) -
     rows += moe_rows("PLE", MoE(load_ple({l: experts / l for l in langs})), route, routing, cfg.top_k)
     for label, name in (("JEET", "jeet"), ("MoE-CE", "moe-ce")):
         rows += moe_rows(label, MoE(JEETModel.load(run_dir / "moe" / name)), route, routing, cfg.top_k)
-    val = {l: eval_blocks(load_blocks(tok_dir, "val", l, block_size), cfg.eval_blocks) for l in langs}
-    log(f"[moe] evaluation grid: {len(rows)} rows x {len(langs)} languages, {routing} routing, "
-        f"{cfg.eval_blocks} validation blocks of {block_size} tokens per language")
-    return evaluate_grid(rows, val), routing
+    sets = eval_sets(tok_dir, langs, block_size, eval_cfg)
+    log(f"[moe] evaluation grid: {len(rows)} rows x {len(langs)} languages, {routing} routing, {eval_cfg.split} "
+        f"split: " + ", ".join(f"{l} {len(s.blocks)} blocks / {s.n_docs} documents" for l, s in sets.items()))
+    df, docs = evaluate_grid(rows, sets, eval_cfg)
+    return df, docs, routing

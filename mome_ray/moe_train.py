@@ -40,14 +40,13 @@ class MoEConfig(KDRecipe):
     # One expert stack: the paper's MoE experts are half its students' depth (3 x 768 vs 6 x 768).
     model: ModelConfig = field(default_factory=lambda: ModelConfig(n_layer=1, n_embd=128, n_head=4))
     gate: bool = False  # MoE-CE: a learned per-expert scalar gate instead of the paper's plain mean
-    eval_blocks: int = 48  # evaluation grid: validation blocks per language (the same for every row)
     top_k: int = 2  # the grid's top-k mixing row
     section: ClassVar[str] = "moe"
 
     def __post_init__(self):
         super().__post_init__()
-        if self.eval_blocks < 1 or self.top_k < 1:
-            raise MomeError(f"moe.eval_blocks and moe.top_k must be >= 1, got {self.eval_blocks}, {self.top_k}")
+        if self.top_k < 1:
+            raise MomeError(f"moe.top_k must be >= 1, got {self.top_k}")
 
 
 def build_jeet(cfg: MoEConfig, langs: list[str], tokenizer_dir: Path, common: bool) -> MoE:
@@ -91,7 +90,7 @@ def train_fn_per_worker(config: dict) -> None:
 def variant_config(cfg: MoEConfig, name: str, langs: list[str], seed: int) -> dict:
     """What a trained MoE depends on: a change re-trains it (grid settings do not)."""
     d = to_dict(cfg)
-    for key in ("max_parallel", "eval_blocks", "top_k") + (() if VARIANTS[name] else ("gate",)):
+    for key in ("max_parallel", "top_k") + (() if VARIANTS[name] else ("gate",)):
         d.pop(key)
     return {"langs": langs, "seed": seed, "moe": d, "variant": name}
 

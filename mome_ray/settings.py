@@ -11,6 +11,7 @@ from mome_ray.cluster import RayConfig
 from mome_ray.config import apply_overrides, from_dict, load_yaml
 from mome_ray.corpus.build import CorpusConfig
 from mome_ray.distill import DistillConfig
+from mome_ray.evaluation import EvalConfig
 from mome_ray.router.model import RouterConfig
 from mome_ray.forgetting import ForgettingConfig
 from mome_ray.moe_train import MoEConfig
@@ -31,6 +32,7 @@ class Settings:
     router: RouterConfig = field(default_factory=RouterConfig)
     moe: MoEConfig = field(default_factory=MoEConfig)
     forgetting: ForgettingConfig = field(default_factory=ForgettingConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)  # how tables and claims are scored (test split)
     serve: ServeConfig = field(default_factory=ServeConfig)
     ray: RayConfig = field(default_factory=RayConfig)
 

@@ -27,9 +27,13 @@ from mome_ray.storage import RunStore, fetch_tree, is_uri
 from mome_ray.training import perplexity
 
 
+SCORED = ("distill", "moe", "forgetting")  # sections whose stage scores models on the test split (`eval`)
+
+
 def stage_config(cfg: Settings, stage: str) -> dict:
     """The part of the config a stage depends on (a change re-runs it)."""
-    return {"langs": cfg.langs, "seed": cfg.seed, stage: to_dict(getattr(cfg, stage))}
+    scored = {"eval": to_dict(cfg.eval)} if stage in SCORED else {}
+    return {"langs": cfg.langs, "seed": cfg.seed, stage: to_dict(getattr(cfg, stage))} | scored
 
 
 def parent_stamps(run: RunStore, parents: list[str]) -> dict[str, str]:
@@ -148,7 +152,8 @@ def print_perplexity_table(metrics: dict, langs: list[str], log=print) -> None:
 
 
 def experts(cfg: Settings, fresh: bool = False, log=print) -> dict:
-    """Distil one expert per language (+ the baselines) in parallel, then evaluate them all on the same data."""
+    """Distil one expert per language (+ the baselines) in parallel, then score them all on the same test blocks."""
+    from mome_ray import evaluation
     from mome_ray.distill import distill_students
     from mome_ray.sweeps import markdown_table
 
@@ -156,15 +161,17 @@ def experts(cfg: Settings, fresh: bool = False, log=print) -> dict:
     parents = parents_of(store, "experts")
     init_ray(cfg.ray)
     metas = distill_students(cfg.distill, cfg.langs, store, cfg.ray, parents, cfg.seed, fresh, log)
-    table = on_cluster(expert_table, cfg, store, list(metas), cpus=cfg.ray.task_cpus, gpus=cfg.ray.task_gpus,
-                       name="expert-table", log=log)
+    table, docs = on_cluster(expert_table, cfg, store, list(metas), cpus=cfg.ray.task_cpus,
+                             gpus=cfg.ray.task_gpus, name="expert-table", log=log)
+    shown = markdown_table(evaluation.shown(table, cfg.langs))
     with stage_writer(store, "experts", nested=True) as out:
         table.to_csv(out / "eval.csv", index=False)
-        (out / "eval.md").write_text(markdown_table(table))
+        evaluation.save_doc_losses(out / "eval_docs.npz", docs)
+        (out / "eval.md").write_text(shown)
         metrics = {"students": {name: m["metrics"]["final"] for name, m in metas.items()},
                    "eval": table.to_dict(orient="records")}
         meta = write_meta(out, "experts", stage_config(cfg, "distill"), metrics, parents, cfg.seed)
-    log("\nvalidation perplexity, every model on the same blocks:\n" + markdown_table(table))
+    log(f"\n{cfg.eval.split} perplexity [95 % interval], every model on the same blocks:\n" + shown)
     return meta
 
 
@@ -184,7 +191,7 @@ def expert_table(cfg: Settings, store: RunStore, names: list[str], log=print):
             rows.append(Row("no-KD students (CE only)", nokd))
         if "multilingual" in names:
             rows.append(Row("multilingual student (KD)", {l: out / "multilingual" for l in cfg.langs}))
-        return perplexity_table(rows, run_dir / "tokenizer", cfg.langs, d.model.n_positions, d.train.eval_blocks)
+        return perplexity_table(rows, run_dir / "tokenizer", cfg.langs, d.model.n_positions, cfg.eval)
 
 
 def sweep_kd(cfg: Settings, log=print) -> dict:
@@ -249,6 +256,7 @@ def sweep_router(cfg: Settings, log=print) -> dict:
 
 def moe(cfg: Settings, fresh: bool = False, log=print) -> dict:
     """Train JEET and MoE-CE (KD on Ray Train), assemble PLE from the experts, run the evaluation grid."""
+    from mome_ray.evaluation import save_doc_losses
     from mome_ray.grid import grid_markdown_frame
     from mome_ray.moe_train import train_moes
     from mome_ray.sweeps import markdown_table
@@ -260,11 +268,12 @@ def moe(cfg: Settings, fresh: bool = False, log=print) -> dict:
     # JEET / MoE-CE are KD runs: they depend on what the experts depend on (tokenizer, teacher), not on them
     metas = train_moes(cfg.moe, cfg.langs, store, cfg.ray, parents_of(store, "experts"), cfg.seed, fresh, log)
     t1 = time.perf_counter()
-    grid, routing = on_cluster(_run_grid, cfg, store, cpus=cfg.ray.task_cpus, gpus=cfg.ray.task_gpus,
-                               name="moe-grid", log=log)
+    grid, docs, routing = on_cluster(_run_grid, cfg, store, cpus=cfg.ray.task_cpus, gpus=cfg.ray.task_gpus,
+                                     name="moe-grid", log=log)
     shown = markdown_table(grid_markdown_frame(grid))
     with stage_writer(store, "moe", nested=True) as out:
         grid.to_csv(out / "grid.csv", index=False)  # everything: losses, perplexities, exact parameter counts
+        save_doc_losses(out / "grid_docs.npz", docs)  # per-document losses: paired comparisons in the report
         (out / "grid.md").write_text(shown)
         ple = {"experts": {l: f"experts/{l}" for l in cfg.langs}, "router": "router" if routing == "router" else None}
         (out / "ple.json").write_text(json.dumps(ple, indent=2))
@@ -273,7 +282,8 @@ def moe(cfg: Settings, fresh: bool = False, log=print) -> dict:
                    "trained": {name: m["metrics"]["final"] for name, m in metas.items()},
                    "grid": grid.to_dict(orient="records")}
         meta = write_meta(out, "moe", stage_config(cfg, "moe"), metrics, parents, cfg.seed)
-    log(f"\nevaluation grid ({routing} routing; perplexity per language, same blocks for every row):\n"
+    log(f"\nevaluation grid ({routing} routing; {cfg.eval.split} perplexity [95 % interval] per language, same "
+        f"blocks for every row):\n"
         + shown)
     return meta
 
@@ -282,8 +292,8 @@ def _run_grid(cfg: Settings, store: RunStore, log=print):
     from mome_ray.grid import run_grid
 
     with store.view(["tokenizer", "router", "teacher", "experts/*", "moe/*"]) as run_dir:
-        return run_grid(run_dir, cfg.langs, cfg.moe, min(cfg.moe.model.n_positions, cfg.distill.model.n_positions),
-                        log)
+        return run_grid(run_dir, cfg.langs, cfg.moe, cfg.eval,
+                        min(cfg.moe.model.n_positions, cfg.distill.model.n_positions), log)
 
 
 def forgetting(cfg: Settings, log=print) -> dict:

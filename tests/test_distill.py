@@ -104,13 +104,14 @@ def test_two_experts_distil_in_parallel_with_baselines(tiny_teacher, tmp_path, c
         time.sleep(0.5)
     assert "[fr] step 5/10" in seen
 
-    # One table: teacher, experts, no-KD students, multilingual student, on the same validation blocks.
+    # One table: teacher, experts, no-KD students, multilingual student, on the same test blocks.
     table = (run_dir / "experts" / "eval.md").read_text()
     assert [r["model"].split(" ")[0] for r in meta["metrics"]["eval"]] == ["teacher", "experts", "no-KD",
                                                                            "multilingual"]
     assert "| teacher |" in table and (run_dir / "experts" / "eval.csv").is_file()
     experts_row = meta["metrics"]["eval"][1]
-    assert experts_row["en"] > 1 and experts_row["de"] != experts_row["de"]  # no de expert: NaN
+    assert experts_row["ppl/en"] > 1 and experts_row.get("ppl/de", float("nan")) != experts_row.get("ppl/de")  # no de expert
+    assert experts_row["ppl_lo/en"] <= experts_row["ppl/en"] <= experts_row["ppl_hi/en"]
 
     # Same command again: every student is up to date and skipped.
     again = []

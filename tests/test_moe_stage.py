@@ -17,7 +17,7 @@ from mome_ray import stages
 from mome_ray.add_expert import add_expert
 from mome_ray.artifacts import read_meta
 from mome_ray.kd import kd_step
-from mome_ray.evaluation import Row, perplexity_table
+from mome_ray.evaluation import EvalConfig, Row, perplexity_table
 from mome_ray.jeet import COMMON, JEETConfig, JEETModel
 from mome_ray.losses import reverse_kl
 from mome_ray.models import ModelConfig, build_gpt2
@@ -88,11 +88,11 @@ def test_moe_stage_writes_the_whole_grid(tiny_run):
     assert rows == expected
     ppl = grid[[f"ppl/{l}" for l in LANGS]].to_numpy()
     assert (ppl > 1).all() and (grid.active_params <= grid.total_params).all() and (grid.eval_s >= 0).all()
-    # The tiny router routes every validation block of this in-test text to its language, so PLE with the
+    # The tiny router routes every test block of this in-test text to its language, so PLE with the
     # router is each language's KD expert (the experts table), and a forced expert answers as routed.
     experts = pd.read_csv(run_dir / "experts" / "eval.csv").iloc[1]
     ple = grid[(grid.model == "PLE") & (grid.row == "router top-1")].iloc[0]
-    assert [ple[f"ppl/{l}"] for l in LANGS] == pytest.approx([experts[l] for l in LANGS], abs=0.011)
+    assert [ple[f"ppl/{l}"] for l in LANGS] == pytest.approx([experts[f"ppl/{l}"] for l in LANGS], abs=0.011)
     jeet = grid[grid.model == "JEET"].set_index("row")
     assert jeet.loc["expert fr forced", "ppl/fr"] == jeet.loc["router top-1", "ppl/fr"]
     assert "| PLE | router top-1 |" in (run_dir / "moe" / "grid.md").read_text()
@@ -150,7 +150,7 @@ def test_add_expert_keeps_existing_experts_bit_identical(tiny_run, tmp_path):
 
     def ppl():
         rows = [Row(l, {l: run_dir / "experts" / l}) for l in LANGS]
-        return perplexity_table(rows, run_dir / "tokenizer", LANGS, 64, 4)
+        return perplexity_table(rows, run_dir / "tokenizer", LANGS, 64, EvalConfig(max_blocks=4))[0]
 
     hashes, before = {l: _digest(run_dir / "experts" / l) for l in LANGS}, ppl()
     meta = add_expert(cfg, "es", tmp_path / "es", log=lambda *a: None)
