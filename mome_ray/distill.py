@@ -9,10 +9,13 @@ What gets trained (`plan`), each its own Ray Train run with its own checkpoints 
     expert-<lang>    KD student on one language              -> RUN_DIR/experts/<lang>/
     nokd-<lang>      same student, α = 1 (CE only), no teacher  -> RUN_DIR/experts/nokd-<lang>/
     multilingual     same student, KD, balanced batches of every language -> RUN_DIR/experts/multilingual/
+                     (equal compute: as many steps as one expert, so 1/len(langs) of its tokens per language)
+    multilingual-tokens  (distill.equal_tokens) the same, len(langs)x the steps: equal tokens per language
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 
 from mome_ray.alpha import AlphaConfig, AlphaSchedule
@@ -31,7 +34,9 @@ class KDSweepConfig:
     space: str = "tune_spaces/kd.yaml"  # the search space (relative to the working directory)
     lang: str = ""  # the language whose expert is swept ("" = the first of the run's languages)
     max_steps: int = 0  # steps per trial (0 = distill.train.max_steps)
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])  # every setting runs with each (paired arms)
     num_samples: int = 1  # samples of the space (grids are crossed; each sample repeats the grid)
+    early_stop: bool = False  # ASHA; off for the claims' comparisons (every arm runs every step)
     grace_period: int = 1  # ASHA: evaluations before a trial may be stopped
     max_concurrent: int = 0  # trials at once (0 = as many as the cluster fits)
     mlflow_uri: str = ""  # also log to MLflow at this tracking URI
@@ -41,7 +46,8 @@ class KDSweepConfig:
 class DistillConfig(KDRecipe):
     model: ModelConfig = field(default_factory=lambda: ModelConfig(n_layer=2, n_embd=128, n_head=4))
     langs: list[str] = field(default_factory=list)  # experts to train ([] = every language of the run)
-    baselines: bool = True  # also train the no-KD students and the multilingual student
+    baselines: bool = True  # also train the no-KD students and the multilingual student (equal compute)
+    equal_tokens: bool = False  # and a multilingual student trained len(langs)x longer (equal tokens per language)
     sweep: KDSweepConfig = field(default_factory=KDSweepConfig)
 
 
@@ -52,6 +58,7 @@ class Student:
     name: str
     langs: list[str]
     kd: bool
+    steps: int = 0  # optimizer steps (0 = distill.train.max_steps)
 
 
 def plan(cfg: DistillConfig, run_langs: list[str]) -> list[Student]:
@@ -64,6 +71,8 @@ def plan(cfg: DistillConfig, run_langs: list[str]) -> list[Student]:
     students = [Student(lang, [lang], kd=True) for lang in langs]
     if cfg.baselines:
         # Longest first (the KD runs also run the teacher), so the short CE-only runs fill the last slots.
+        if cfg.equal_tokens:  # as many tokens of each language as its expert saw: len(langs)x the steps
+            students.append(Student("multilingual-tokens", list(run_langs), True, cfg.train.max_steps * len(run_langs)))
         students.append(Student("multilingual", list(run_langs), kd=True))
         students += [Student(f"nokd-{lang}", [lang], kd=False) for lang in langs]
     return students
@@ -75,6 +84,8 @@ def train_fn_per_worker(config: dict) -> None:
 
     cfg = from_dict(DistillConfig, config["distill"])
     student = Student(**config["student"])
+    if student.steps:
+        cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, max_steps=student.steps))
     store, seed, name = RunStore(config["run"]), config["seed"], config["name"]
     tok_dir = store.fetch("tokenizer")  # this node's copies
     rank, world, device = worker_context(cfg.scaling.cpus_per_worker)
@@ -98,6 +109,22 @@ def train_fn_per_worker(config: dict) -> None:
               f"{'KD ' + cfg.kd_loss + ' / ' + cfg.alpha.strategy + ' alpha' if student.kd else 'CE only'}")
     kd_train(run, batches, teacher, schedule, cfg, device, name, world,
              lambda: evaluate(run.model, val, device, cfg.train.batch_size, cfg.train.bf16), banner)
+    if config.get("report_test"):
+        report_test(run, tok_dir, student.langs, T, config["report_test"], device, world, cfg.train)
+
+
+def report_test(run, tok_dir, langs: list[str], T: int, max_blocks: int, device, world: int, train) -> None:
+    """One last report (no checkpoint) of the final model on the test split: what sweep trials are compared by
+    (`evaluation.eval_set` blocks: the whole split, or `max_blocks` evenly spaced; sharded across ranks)."""
+    import ray.train
+
+    from mome_ray.evaluation import eval_set
+    from mome_ray.training import perplexity
+
+    test = {l: eval_set(tok_dir, l, T, "test", max(max_blocks, 0)).blocks[run.rank::world] for l in langs}
+    loss = evaluate(run.model, test, device, train.batch_size, train.bf16)
+    mean = sum(loss.values()) / len(loss)
+    ray.train.report(run.history[-1] | {"test_loss": mean, "test_ppl": perplexity(mean)})
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -109,7 +136,7 @@ def student_config(cfg: DistillConfig, student: Student, run_langs: list[str], s
     from mome_ray.config import to_dict
 
     d = to_dict(cfg)
-    for key in ("langs", "baselines", "max_parallel", "sweep") + (() if student.kd else ("alpha", "kd_loss",
+    for key in ("langs", "baselines", "equal_tokens", "max_parallel", "sweep") + (() if student.kd else ("alpha", "kd_loss",
                                                                                           "temperature")):
         d.pop(key)
     return {"langs": run_langs, "seed": seed, "distill": d, "student": vars(student)}

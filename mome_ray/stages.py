@@ -190,7 +190,10 @@ def expert_table(cfg: Settings, store: RunStore, names: list[str], log=print):
         if nokd:
             rows.append(Row("no-KD students (CE only)", nokd))
         if "multilingual" in names:
-            rows.append(Row("multilingual student (KD)", {l: out / "multilingual" for l in cfg.langs}))
+            rows.append(Row("multilingual student (KD, equal compute)", {l: out / "multilingual" for l in cfg.langs}))
+        if "multilingual-tokens" in names:
+            rows.append(Row("multilingual student (KD, equal tokens)",
+                            {l: out / "multilingual-tokens" for l in cfg.langs}))
         return perplexity_table(rows, run_dir / "tokenizer", cfg.langs, d.model.n_positions, cfg.eval)
 
 
@@ -199,7 +202,7 @@ def sweep_kd(cfg: Settings, log=print) -> dict:
     from mome_ray.kd_sweep import sweep_kd as run_sweep
 
     store = resolve_run_dir(cfg.run_dir)
-    parents = parents_of(store, "experts")  # a sweep over the experts' recipe
+    parents = parents_of(store, "sweep_kd")  # a sweep over the experts' recipe: the experts' parents
     init_ray(cfg.ray)
     with stage_writer(store, "sweep_kd") as out:
         metrics = run_sweep(cfg, store, parents, out, log)
@@ -321,6 +324,7 @@ STAGES = {
     "router": (router, ["corpus", "tokenizer"], "router"),
     "teacher": (teacher, ["tokenizer"], "teacher"),
     "experts": (experts, ["tokenizer", "teacher"], "distill"),
+    "sweep_kd": (sweep_kd, ["tokenizer", "teacher"], "distill"),
     "moe": (moe, ["tokenizer", "router", "teacher", "experts"], "moe"),
     "forgetting": (forgetting, ["tokenizer"], "forgetting"),
 }
