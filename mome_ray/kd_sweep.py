@@ -83,7 +83,7 @@ def results_frame(grid):
 def arms_frame(df):
     """One row per setting (an arm): its seeds, and mean and standard deviation over them of validation and test
     perplexity; best mean validation perplexity first (settings are selected on validation)."""
-    ok = df[df["error"] == ""]
+    ok = df[df["error"].fillna("") == ""]  # read back from CSV, an empty error is NaN
     g = ok.groupby("setting", sort=False)
     arms = g[["strategy", "alpha", "kd_loss", "temperature"]].first()
     arms["seeds"] = g["seed"].apply(lambda s: " ".join(str(x) for x in sorted(s)))

@@ -67,7 +67,20 @@ def teacher_section(run_dir: Path, plots: Path) -> str | None:
     rows = " | ".join(f"{l} {m['untrained'][f'val_ppl/{l}']:,.0f} → {m['final'][f'val_ppl/{l}']:,.2f}" for l in langs)
     model = meta["config"]["teacher"]["model"]
     return (f"GPT-2 {model['n_layer']} layers × {model['n_embd']}, {m['final']['step']} steps. Validation "
-            f"perplexity untrained → trained: {rows}.\n\n" + _img(run_dir, png, "teacher curves"))
+            f"perplexity untrained → trained: {rows}. {flattening(m['history'])}\n\n"
+            + _img(run_dir, png, "teacher curves"))
+
+
+def flattening(history: list[dict], tail: float = 0.2) -> str:
+    """How much the validation loss still fell over the last `tail` of training: is the teacher done?"""
+    last = history[-1]
+    start = next((h for h in history if h["step"] >= (1 - tail) * last["step"]), last)
+    if start is last:
+        return ""
+    change = last["val_loss"] / start["val_loss"] - 1
+    state = "flattened" if abs(change) < 0.01 else "still falling" if change < 0 else "rising"
+    return (f"Validation loss over the last {100 * tail:.0f} % of steps ({start['step']} → {last['step']}): "
+            f"{100 * change:+.2f} % ({state}).")
 
 
 def kd_section(run_dir: Path, plots: Path) -> str | None:

@@ -37,6 +37,11 @@ def test_alpha_claim(adaptive, verdict):
     assert "seeds" in claim.numbers
 
 
+def test_claims_read_the_sweep_back_from_its_csv(tmp_path):
+    _sweep({"fixed": [100.0, 101.0, 99.8], "adaptive": [98.0, 99.0, 97.9]}).to_csv(tmp_path / "r.csv", index=False)
+    assert claims.judge_alpha(pd.read_csv(tmp_path / "r.csv")).verdict == "supported"  # empty errors come back NaN
+
+
 def test_alpha_claim_needs_three_paired_seeds_and_both_arms():
     two = _sweep({"fixed": [100.0, 101.0], "adaptive": [98.0, 99.0]}, seeds=[0, 1])
     assert claims.judge_alpha(two).verdict == "not measured"

@@ -49,11 +49,14 @@ def test_two_trial_kd_sweep(tiny_teacher, tmp_path):
     out = run_dir / "sweep_kd"
     df = pd.read_csv(out / "results.csv")
     assert len(df) == 2 and set(df["strategy"]) == {"fixed", "alternating"} and set(df["kd_loss"]) == {"forward_kl"}
-    assert (df["error"].isna()).all() and (df["val_ppl"] > 1).all()
+    assert (df["error"].isna()).all() and (df["val_ppl"] > 1).all() and (df["test_ppl"] > 1).all()
+    assert (df["seed"] == 0).all() and (df["steps"] == 4).all()  # no early stopping: every trial ran every step
     assert df["val_ppl"].is_monotonic_increasing  # best first
     best = yaml.safe_load((out / "best_config.yaml").read_text())["distill"]
-    assert best["kd_loss"] == "forward_kl" and meta["metrics"]["best_val_ppl"] == df["val_ppl"].iloc[0]
-    assert (out / "results.md").read_text().startswith("| strategy |")
+    assert best["kd_loss"] == "forward_kl" and meta["metrics"]["best_val_ppl"] == pytest.approx(df["val_ppl"].iloc[0], abs=1e-3)
+    assert (out / "results.md").read_text().startswith("| seed | strategy |")
+    arms = pd.read_csv(out / "arms.csv")
+    assert len(arms) == 2 and (arms["seeds"].astype(str) == "0").all() and arms["val_ppl_mean"].is_monotonic_increasing
     # Tune's default loggers wrote TensorBoard event files for every trial.
     events = list(Path(meta["metrics"]["tune_dir"]).rglob("events.out.tfevents*"))
     assert len(events) >= 2
