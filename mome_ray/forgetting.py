@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import dataclasses
 import textwrap
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -41,6 +42,7 @@ from mome_ray.config import from_dict, to_dict
 from mome_ray.data import BalancedBatches, eval_blocks, load_blocks
 from mome_ray.errors import MomeError
 from mome_ray.models import ModelConfig
+from mome_ray.moe import Router
 from mome_ray.regimes import REGIMES
 from mome_ray.storage import RunStore
 from mome_ray.training import Progress, TrainConfig, eval_metrics, lm_train_step, perplexity
@@ -78,7 +80,7 @@ def builder(cfg: ForgettingConfig, regime: str, langs: list[str], tok_dir: Path)
                                  tok.pad_token_id)
 
 
-def routes(run_dir: Path, regime: str, langs: list[str], tok_dir: Path) -> tuple[str, object]:
+def routes(run_dir: Path, regime: str, langs: list[str], tok_dir: Path) -> tuple[str, Callable[[str], Router] | None]:
     """(routing, language -> Router) of a regime's evaluation: JEET through the router artifact when `run_dir`
     has one, else an oracle (`grid.route_for`); the other regimes need no router."""
     if regime != "jeet":
@@ -93,7 +95,7 @@ def train_fn_per_worker(config: dict) -> None:
     from mome_ray.worker import report, start_run, worker_context
 
     cfg = from_dict(ForgettingConfig, config["forgetting"])
-    regime, langs, steps, seed, name = config["regime"], config["langs"], config["steps"], config["seed"], config["name"]
+    regime, langs, steps, seed = config["regime"], config["langs"], config["steps"], config["seed"]
     stages = regimes.stage_langs(regime, langs)
     store = RunStore(config["run"])
     tok_dir = store.fetch("tokenizer")
@@ -110,7 +112,7 @@ def train_fn_per_worker(config: dict) -> None:
 
     # --- the model (an MoE: DDP tolerates the experts a stage does not run), optimizer, resume
     build = builder(cfg, regime, langs, tok_dir)
-    run = start_run(build, train, name, seed, rank, **regimes.checkpoint_io(regime, build))
+    run = start_run(build, train, config["name"], seed, rank, **regimes.checkpoint_io(regime, build))
 
     def val_metrics(step: int) -> dict:
         return eval_metrics(step, regimes.language_losses(run.module, regime, val, route, device, train.batch_size,
@@ -121,7 +123,7 @@ def train_fn_per_worker(config: dict) -> None:
     run.model.train()
 
     # --- train: stage k on its languages' batches (an MoE: through the stage language's expert only)
-    progress = Progress(name, train.max_steps, train.batch_size * T * world, train.log_every, rank == 0)
+    progress = Progress(config["name"], train.max_steps, train.batch_size * T * world, train.log_every, rank == 0)
     for step in range(run.step, train.max_steps):
         stage = step // steps
         ids, _ = batches[stage].batch(step)
