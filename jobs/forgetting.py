@@ -1,4 +1,4 @@
-"""Ray job: sequential vs balanced vs MoE training, per-language forgetting.
+"""Ray job: sequential vs balanced vs JEET vs separate-experts training, per-language forgetting.
 
     ray job submit --working-dir . -- python -m jobs.forgetting --config configs/small.yaml [key=value ...]
 """

@@ -68,7 +68,8 @@ def _parser() -> argparse.ArgumentParser:
         s.add_argument("overrides", nargs="*", metavar="key.path=value")
     m = stage("moe", "train JEET and MoE-CE, assemble PLE, run the evaluation grid into RUN_DIR/moe")
     m.add_argument("--fresh", action="store_true", help="re-train JEET and MoE-CE")
-    stage("forgetting", "sequential vs balanced vs MoE training: forgetting per language into RUN_DIR/forgetting")
+    stage("forgetting", "sequential vs balanced vs JEET vs separate experts: forgetting per language into "
+                        "RUN_DIR/forgetting")
     a = stage("add-expert", "distil one new language expert from a folder of text and add it to the MoE")
     a.add_argument("--lang", required=True, help="the new language's code (e.g. es)")
     a.add_argument("--source", required=True, help="a folder of text files in that language")

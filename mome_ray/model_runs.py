@@ -32,6 +32,7 @@ class ModelRun:
     config: dict  # what the artifact depends on: a change re-trains it
     keep: int = 2  # checkpoints to keep
     extra: Callable[[Path], None] | None = None  # writes more files into the artifact (e.g. the tokenizer)
+    parents: dict[str, str] | None = None  # its parents when only some of train_models' (None: all of them)
 
 
 def train_models(store: RunStore, runs: list[ModelRun], parents: dict[str, str], ray_cfg: RayConfig, seed: int,
@@ -40,10 +41,10 @@ def train_models(store: RunStore, runs: list[ModelRun], parents: dict[str, str],
     todo: dict[str, ModelRun] = {}  # Train run name -> run
     for run in runs:
         if (not fresh and is_complete(store, run.stage, run.config)
-                and read_meta(store, run.stage)["parents"] == parents):
+                and read_meta(store, run.stage)["parents"] == _parents(run, parents)):
             log(f"[{run.stage.split('/')[0]}] {run.stage}: up to date in {store.uri(run.stage)}, skipped")
             continue
-        todo[run_name(store, run.stage.replace("/", "-"), run.loop_config, parents)] = run
+        todo[run_name(store, run.stage.replace("/", "-"), run.loop_config, _parents(run, parents))] = run
 
     def export(job: TrainJob, result, resumed: bool) -> None:
         run = todo[job.name]
@@ -55,8 +56,12 @@ def train_models(store: RunStore, runs: list[ModelRun], parents: dict[str, str],
                        "history": state["history"], "resumed": resumed}
             if "trace" in state:
                 metrics["trace"] = state["trace"]
-            write_meta(out, run.stage, run.config, metrics, parents, seed)
+            write_meta(out, run.stage, run.config, metrics, _parents(run, parents), seed)
 
     jobs = [TrainJob(name, run.train_fn, run.loop_config, run.scaling, run.keep, fresh) for name, run in todo.items()]
     fit_many(jobs, ray_cfg, store, on_done=export, max_parallel=max_parallel, log=log)
     return {run.stage: read_meta(store, run.stage) for run in runs}
+
+
+def _parents(run: ModelRun, parents: dict[str, str]) -> dict[str, str]:
+    return parents if run.parents is None else run.parents

@@ -300,7 +300,7 @@ def _run_grid(cfg: Settings, store: RunStore, log=print):
 
 
 def forgetting(cfg: Settings, log=print) -> dict:
-    """Sequential vs balanced vs MoE training on the same budget: per-language forgetting (Ray Train)."""
+    """Sequential, balanced, JEET and separate experts on the same budget: per-language forgetting (Ray Train)."""
     from mome_ray.forgetting import forgetting_study
 
     store = resolve_run_dir(cfg.run_dir)
@@ -326,7 +326,7 @@ STAGES = {
     "experts": (experts, ["tokenizer", "teacher"], "distill"),
     "sweep_kd": (sweep_kd, ["tokenizer", "teacher"], "distill"),
     "moe": (moe, ["tokenizer", "router", "teacher", "experts"], "moe"),
-    "forgetting": (forgetting, ["tokenizer"], "forgetting"),
+    "forgetting": (forgetting, ["tokenizer", "router"], "forgetting"),
 }
 
 

@@ -23,6 +23,7 @@ from mome_ray.losses import reverse_kl
 from mome_ray.models import ModelConfig, build_gpt2
 from mome_ray.moe import MoE, Routing
 from mome_ray.moe import Routed
+from mome_ray.regimes import REGIMES
 from mome_ray.settings import load_settings
 from mome_ray.training import TrainConfig, build_optimizer, build_schedule
 from tests.conftest import copy_teacher_run, tiny_overrides
@@ -101,16 +102,35 @@ def test_moe_stage_writes_the_whole_grid(tiny_run):
 
 def test_forgetting_tables_and_plots(tiny_run):
     cfg, _ = tiny_run
-    out = Path(cfg.run_dir) / "forgetting"
+    run_dir = Path(cfg.run_dir)
+    out = run_dir / "forgetting"
     table = pd.read_csv(out / "forgetting.csv")
-    assert set(zip(table.regime, table.lang)) == {(r, l) for r in ("sequential", "balanced", "moe") for l in LANGS}
+    assert list(table.columns) == ["regime", "lang", "best", "final", "forgetting", "forgetting_pct", "test_ppl",
+                                   "test_blocks", "routing", "params_total", "params_active", "by_construction"]
+    assert set(zip(table.regime, table.lang)) == {(r, l) for r in REGIMES for l in LANGS}
     assert (table.forgetting >= 0).all() and (table.final >= table.best).all()
-    assert (table[table.regime == "moe"].forgetting == 0).all()  # separate experts cannot forget
+    assert (table.test_ppl > 1).all() and (table.test_blocks > 0).all()
+    assert set(table[table.by_construction].regime) == {"separate"}
+    assert (table[table.regime == "separate"].forgetting == 0).all()  # by construction
+    # JEET through the router the pipeline trained; its stacks share embeddings + head, one block each
+    regime = table.drop_duplicates("regime").set_index("regime")
+    assert regime.routing.to_dict() == {"sequential": "-", "balanced": "-", "jeet": "router", "separate": "oracle"}
+    single = regime.loc["sequential", "params_total"]
+    assert regime.loc["balanced", "params_total"] == single == regime.loc["separate", "params_active"]
+    assert regime.loc["separate", "params_total"] == 4 * single
+    C = cfg.forgetting.model.n_embd
+    assert regime.loc["jeet", "params_active"] == single  # one 1-block stack + the shared parts: the single model
+    assert regime.loc["jeet", "params_total"] == single + 3 * (12 * C * C + 13 * C)  # + three more GPT-2 blocks
+    meta = read_meta(run_dir, "forgetting")
+    assert meta["metrics"]["steps_per_stage"] == 2 and set(meta["parents"]) == {"tokenizer", "router"}
+    assert meta["metrics"]["regimes"]["jeet"]["params_total"] == regime.loc["jeet", "params_total"]
+    assert set(read_meta(out, "jeet")["parents"]) == {"tokenizer", "router"}
+    assert set(read_meta(out, "sequential")["parents"]) == {"tokenizer"}  # a new router does not re-train it
     steps = pd.read_csv(out / "stages.csv")
-    assert sorted(set(steps.stage)) == [0, 1, 2, 3, 4] and len(steps) == 5 * 3 * 4
+    assert sorted(set(steps.stage)) == [0, 1, 2, 3, 4] and len(steps) == 5 * 4 * 4
+    assert "separate experts (forgetting impossible by construction)" in (out / "forgetting.md").read_text()
     for png in ("heatmap.png", "lines.png"):
         assert (out / png).read_bytes()[:4] == b"\x89PNG"
-    assert read_meta(Path(cfg.run_dir), "forgetting")["metrics"]["steps_per_stage"] == 2
 
 
 def test_pipeline_report_has_every_section(tiny_run):
