@@ -30,7 +30,7 @@ from mome_ray.errors import MomeError
 
 # `mome sweep ACTION`: what each sweep does (its function is `stages.SWEEPS[ACTION]`).
 SWEEPS_HELP = {
-    "kd": "alpha strategies x KD losses x temperature for one expert, ASHA on validation perplexity",
+    "kd": "alpha strategies x KD losses x temperature for one expert, each with paired seeds (claims 1-2)",
     "router": "features x classifiers for the router (tune_spaces/router.yaml); the best is saved",
 }
 
