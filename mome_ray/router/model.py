@@ -21,6 +21,7 @@ import numpy as np
 from mome_ray.errors import MomeError
 from mome_ray.router.classifiers import build_classifier, classifier_params
 from mome_ray.router.features import build_features, feature_params, uses_tokens
+from mome_ray.router.shift import ShiftConfig
 
 UNKNOWN = "unknown"
 MAX_BAD_CHARS = 0.2  # a string with a larger share of control / undecodable characters is not text
@@ -60,6 +61,7 @@ class RouterConfig:
     eval_per_lang: int = 400  # test windows per language and length (and mixed cases per kind)
     batch_size: int = 1024  # texts per predict chunk
     sweep: RouterSweepConfig = field(default_factory=RouterSweepConfig)
+    shift: ShiftConfig = field(default_factory=ShiftConfig)  # the held-out-source evaluation (router/shift.py)
 
     def __post_init__(self):
         feature_params(self.features, self.feature_params)
