@@ -166,13 +166,13 @@ def _shingles(words: list[str]) -> Iterable[int]:
 
 
 def drop_training_text(units: dict[str, list[str]], train_texts: Iterable[str]) -> dict[str, list[str]]:
-    """`units` without any that shares a run of SHINGLE words (lowercased, `\\w+`) with `train_texts`, or,
-    shorter than that, equals a whole line of them."""
+    """`units` without any that shares a run of SHINGLE words (lowercased, `\\w+`, across lines) with
+    `train_texts`, or, shorter than that, equals a whole line of them."""
     seen: set[int] = set()
     for text in train_texts:
-        for line in text.lower().splitlines():
-            words = WORD.findall(line)
-            seen.update(_shingles(words) if len(words) >= SHINGLE else [_hash(words)])
+        text = text.lower()
+        seen.update(_shingles(WORD.findall(text)))
+        seen.update(_hash(words) for words in map(WORD.findall, text.splitlines()) if len(words) < SHINGLE)
     kept = {}
     for source, texts in units.items():
         def clean(text: str) -> bool:
