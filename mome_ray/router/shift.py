@@ -13,7 +13,7 @@ of those, and from text kinds the corpus cleaning drops (lines of < 4 words, cod
   (`  -a, --all    do not ignore entries starting with .`): the text of `--help`.
 - `py-tables`: numeric data tables in Python files of third-party packages (`router.shift.python_packages`,
   found in the running interpreter's site-packages; never the stdlib): runs of >= 3 lines that are numbers
-  and separators only, each with the line before it (`_viridis_data = [`), at most MAX_TABLE_LINES lines.
+  and separators only (each with a comma), with the line before the run (`_viridis_data = [`), at most MAX_TABLE_LINES lines.
 
 Units are read in a fixed order (package, file, catalogue entry), so the set depends only on the package
 versions (recorded in `shift_versions`). A unit sharing any run of SHINGLE words with the training split
