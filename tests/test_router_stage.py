@@ -18,7 +18,7 @@ def test_router_command_trains_evaluates_and_saves(tiny_tokenized, corpus_dir, t
     overrides = tiny_overrides(run_dir, corpus_dir)
     assert main(["router", "--config", TINY, *overrides]) == 0
     out = capsys.readouterr().out
-    assert "test sequences: weighted F1" in out and "accuracy by window length" in out
+    assert "test sequences: weighted F1" in out and "accuracy by window length" in out and "source shift" in out
     for name in ("router.skops", "router.json", "confusion.png", "meta.json", "tokenizer/tokenizer.json"):
         assert (run_dir / "router" / name).is_file(), name
     m = read_meta(run_dir, "router")["metrics"]
@@ -26,6 +26,9 @@ def test_router_command_trains_evaluates_and_saves(tiny_tokenized, corpus_dir, t
     assert m["test_f1_weighted"] >= 0.95 and m["accuracy_by_length"]["whole"] >= 0.95
     assert m["unknown_on_not_text"] == 1.0 and m["throughput_seq_per_s"] > 0
     assert set(m["mixed_accuracy"]) == {"en_prose_with_py", "py_with_en_docstring"}
+    shift = m["shift_accuracy"]  # tiny fetches nothing: the third-party Python tables only
+    assert set(shift["by_source"]) == {"py-tables"} and set(shift["by_length"]) == {"8", "16", "32", "64", "whole"}
+    assert 0 <= shift["overall"] <= 1 and shift["n"] == sum(shift["n_by_source"].values()) > 0
     router = load_router(run_dir / "router")
     assert router.predict(["def f(x):\n    return x + 1\n", "Bonjour, la rivière traverse la vieille ville", ""]) \
         == ["py", "fr", "unknown"]

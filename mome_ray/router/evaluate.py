@@ -4,7 +4,8 @@
 
 `unknown` answers count as wrong in every accuracy. Besides the labelled groups, two fixed sets test the
 defined behaviour on input that is no language of the router: not text at all (must all be `unknown`)
-and sentences in languages it was not trained on (ideally `unknown`; the share is reported).
+and sentences in languages it was not trained on (ideally `unknown`; the share is reported). Groups named
+`shift/<source>/<length>` (router/shift.py) are pooled into `shift_accuracy`.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from mome_ray.router.model import UNKNOWN, Router
+from mome_ray.router.shift import shift_accuracy
 
 NOT_TEXT = ["", " ", "\n\t  \n", None, b"Bonjour", 42, "\x00\x01\x02\x03\x04\x05\x06\x07",
             bytes(range(256)).decode("latin-1"), "\ufffd" * 12]
@@ -68,6 +70,7 @@ def evaluate_router(router: Router, cases: dict[str, tuple[list[str], list[str]]
                              if name.startswith("heldout/")},
         "mixed_accuracy": {name.removeprefix("mixed/"): g["accuracy"] for name, g in groups.items()
                            if name.startswith("mixed/")},
+        "shift_accuracy": shift_accuracy(groups),
         "unknown_on_not_text": float(np.mean([p == UNKNOWN for p in router.predict(NOT_TEXT)])),
         "unknown_on_other_langs": float(np.mean([p == UNKNOWN for p in router.predict(OTHER_LANGS)])),
         "throughput_seq_per_s": throughput(router, cases["sequences"][0]),
@@ -114,6 +117,11 @@ def summary_lines(metrics: dict) -> list[str]:
         lines.append("held-out sources: " + ", ".join(f"{k} {v:.2%}" for k, v in metrics["heldout_accuracy"].items()))
     if metrics["mixed_accuracy"]:
         lines.append("mixed prose/code: " + ", ".join(f"{k} {v:.2%}" for k, v in metrics["mixed_accuracy"].items()))
+    shift = metrics.get("shift_accuracy")
+    if shift:
+        lines.append(f"source shift (sources never trained on, n={shift['n']:,}): {shift['overall']:.2%}; by length "
+                     + ", ".join(f"{k} {v:.2%}" for k, v in shift["by_length"].items()) + "; by source "
+                     + ", ".join(f"{k} {v:.2%}" for k, v in shift["by_source"].items()))
     lines.append(f"unknown on non-text input {metrics['unknown_on_not_text']:.0%}, on other languages "
                  f"{metrics['unknown_on_other_langs']:.0%}; throughput {metrics['throughput_seq_per_s']:,.0f} seq/s")
     return lines

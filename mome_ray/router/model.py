@@ -7,7 +7,8 @@
 Each text is routed on its own (never a batch flattened into one string, the paper code's bug), in chunks
 of `batch_size`. A text gets `unknown` when it is not text at all (empty or whitespace-only, not a `str`,
 mostly control or undecodable characters), or when the classifier's top probability is below
-`unknown_below`; the MoE sends `unknown` to its common expert.
+`unknown_below`; the MoE sends `unknown` to its common expert. With `collapse_spaces`, runs of spaces after
+a word (the column layout of `--help` text and tables) are one space before the features see the text.
 """
 
 from __future__ import annotations
@@ -21,10 +22,12 @@ import numpy as np
 from mome_ray.errors import MomeError
 from mome_ray.router.classifiers import build_classifier, classifier_params
 from mome_ray.router.features import build_features, feature_params, uses_tokens
+from mome_ray.router.shift import ShiftConfig
 
 UNKNOWN = "unknown"
 MAX_BAD_CHARS = 0.2  # a string with a larger share of control / undecodable characters is not text
 BAD_CHARS = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f\ufffd]")  # C0/C1 controls but tab/newline/CR; U+FFFD
+SPACE_RUN = re.compile(r"(?<=\S)[ \t]{2,}")  # spaces aligning columns after a word (not indentation)
 
 
 SWEEP_METRICS = [f"val_{m}" for m in ("accuracy", "f1_weighted", "f1_macro", "precision_weighted", "recall_weighted")]
@@ -59,7 +62,9 @@ class RouterConfig:
     eval_lengths: list[int] = field(default_factory=lambda: [8, 16, 32, 64, 128])  # test window lengths
     eval_per_lang: int = 400  # test windows per language and length (and mixed cases per kind)
     batch_size: int = 1024  # texts per predict chunk
+    collapse_spaces: bool = False  # runs of spaces after a word become one (column layout is no sign of code)
     sweep: RouterSweepConfig = field(default_factory=RouterSweepConfig)
+    shift: ShiftConfig = field(default_factory=ShiftConfig)  # the held-out-source evaluation (router/shift.py)
 
     def __post_init__(self):
         feature_params(self.features, self.feature_params)
@@ -82,11 +87,12 @@ def is_text(x: Any) -> bool:
 class Router:
     """Fitted sklearn pipeline (features -> classifier) plus what it needs around it."""
 
-    def __init__(self, pipeline, features: str, tokenizer=None, unknown_below: float = 0.4, batch_size: int = 1024):
+    def __init__(self, pipeline, features: str, tokenizer=None, unknown_below: float = 0.4, batch_size: int = 1024,
+                 collapse_spaces: bool = False):
         if uses_tokens(features) and tokenizer is None:
             raise MomeError(f"router features '{features}' read token ids; give the router a tokenizer")
         self.pipeline, self.features, self.tokenizer = pipeline, features, tokenizer
-        self.unknown_below, self.batch_size = unknown_below, batch_size
+        self.unknown_below, self.batch_size, self.collapse_spaces = unknown_below, batch_size, collapse_spaces
         self.encoder = None  # texts -> token ids, when the features read them
         if uses_tokens(features):
             from mome_ray.router.token_ids import PretokenCache
@@ -98,7 +104,10 @@ class Router:
         return [str(c) for c in self.pipeline.classes_]
 
     def _inputs(self, texts: list[str]) -> list:
-        """What the feature pipeline reads: token ids of each text, or the texts themselves."""
+        """What the feature pipeline reads: token ids of each text, or the texts themselves (spaces collapsed
+        first when `collapse_spaces`)."""
+        if self.collapse_spaces:
+            texts = [SPACE_RUN.sub(" ", t) for t in texts]
         return self.encoder.encode(texts) if self.encoder is not None else texts
 
     def predict_proba(self, texts: list) -> tuple[list[str], np.ndarray]:
@@ -130,6 +139,6 @@ def fit_router(cfg: RouterConfig, texts: list[str], labels: list[str], tokenizer
     pipeline = Pipeline([("features", build_features(cfg.features, cfg.feature_params)),
                          ("classifier", build_classifier(cfg.classifier, cfg.classifier_params, seed))])
     router = Router(pipeline, cfg.features, tokenizer if uses_tokens(cfg.features) else None,
-                    cfg.unknown_below, cfg.batch_size)
+                    cfg.unknown_below, cfg.batch_size, cfg.collapse_spaces)
     pipeline.fit(router._inputs(texts), labels)
     return router

@@ -52,6 +52,7 @@ def save_router(router: Router, out_dir: Path) -> dict:
         router.tokenizer.save_pretrained(str(out_dir / TOKENIZER))
     info = {"format": FORMAT, "features": router.features, "classes": router.classes,
             "unknown_below": router.unknown_below, "batch_size": router.batch_size,
+            "collapse_spaces": router.collapse_spaces,
             "sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
     (out_dir / INFO).write_text(json.dumps(info, indent=2))
     return info
@@ -86,4 +87,5 @@ def load_router(path: Path) -> Router:
         from mome_ray.tokenizer import load_tokenizer
 
         tokenizer = load_tokenizer(path / TOKENIZER)
-    return Router(pipeline, features, tokenizer, info["unknown_below"], info["batch_size"])
+    return Router(pipeline, features, tokenizer, info["unknown_below"], info["batch_size"],
+                  info.get("collapse_spaces", False))  # absent in routers saved before it existed

@@ -15,6 +15,7 @@ from pathlib import Path
 from mome_ray.router.evaluate import evaluate_router
 from mome_ray.router.examples import test_cases, training_examples
 from mome_ray.router.model import RouterConfig, fit_router
+from mome_ray.router.shift import shift_set
 from mome_ray.router.store import load_router, save_router
 
 
@@ -31,10 +32,11 @@ def train_router(cfg: RouterConfig, langs: list[str], run_dir: Path, holdout: se
     router = fit_router(cfg, texts, labels, tok, seed)
     fit_s = time.perf_counter() - t0
     info = save_router(router, out)
-    metrics = evaluate_router(load_router(out), test_cases(tok, run_dir, langs, cfg, holdout, seed), out)
+    shift, versions = shift_set(tok, cfg, langs, run_dir, seed)
+    metrics = evaluate_router(load_router(out), {**test_cases(tok, run_dir, langs, cfg, holdout, seed), **shift}, out)
     metrics.update({"features": cfg.features, "feature_params": cfg.feature_params, "classifier": cfg.classifier,
                     "classifier_params": cfg.classifier_params, "train_examples": len(texts),
-                    "fit_seconds": round(fit_s, 2), "model_bytes": info["bytes"]})
+                    "fit_seconds": round(fit_s, 2), "model_bytes": info["bytes"], "shift_versions": versions})
     return metrics
 
 
