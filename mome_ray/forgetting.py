@@ -18,13 +18,14 @@ per language; one LR schedule (warmup, linear decay) over all stages; plain next
 teacher): the study is about the order of the data. One Ray Train run per regime. After every stage each
 regime's per-language perplexity is measured on the first `train.eval_blocks` validation blocks (for the
 curves and the best stage); forgetting per language = final − best of those (0 = nothing forgotten). The
-final model of each regime is then evaluated on the whole test split of every language (`test_ppl`, a Ray
-task): the numbers a claim about the final models uses.
+final model of each regime is then scored on the test split of every language as `eval:` says (`test_ppl` with
+its 95 % bootstrap interval by document, a Ray task): the numbers a claim about the final models uses.
 
     RUN_DIR/forgetting/<regime>/  the regime's final model + meta.json (its parents: tokenizer; jeet also router)
     RUN_DIR/forgetting/   stages.csv (regime, stage, after, lang, ppl),
                           forgetting.csv (regime, lang, best, final, forgetting, forgetting_pct, test_ppl,
-                          test_blocks, routing, params_total, params_active, by_construction) + forgetting.md,
+                          test_ppl_lo, test_ppl_hi, test_blocks, routing, params_total, params_active,
+                          by_construction) + forgetting.md, test_docs.npz (per-document test losses per regime),
                           heatmap.png (ppl per stage x language), lines.png (ppl per language over stages)
 """
 
@@ -41,6 +42,7 @@ from mome_ray.cluster import ScalingArgs, on_cluster
 from mome_ray.config import from_dict, to_dict
 from mome_ray.data import BalancedBatches, eval_blocks, load_blocks
 from mome_ray.errors import MomeError
+from mome_ray.evaluation import EvalConfig, doc_losses, eval_sets, interval_columns, save_doc_losses
 from mome_ray.models import ModelConfig
 from mome_ray.moe import Router
 from mome_ray.regimes import REGIMES
@@ -152,23 +154,25 @@ def regime_config(cfg: ForgettingConfig, regime: str, langs: list[str], seed: in
             "routing": regimes.routing_of(regime, routing)}
 
 
-def final_eval(cfg: ForgettingConfig, langs: list[str], store: RunStore, log=print) -> dict[str, dict]:
-    """Each regime's final model on the whole test split of every language (a Ray task):
-    {regime: {"loss": {lang: loss}, "blocks": {lang: n}, "routing", "params_total", "params_active"}}."""
+def final_eval(cfg: ForgettingConfig, langs: list[str], store: RunStore, eval_cfg: EvalConfig, log=print) -> dict:
+    """Each regime's final model on the test split of every language (a Ray task): {regime: {"docs": {lang:
+    DocLosses}, "blocks": {lang: n}, "routing", "params_total", "params_active"}}."""
     from mome_ray.training import process_device
 
     T, device, out = cfg.model.n_positions, process_device(), {}
     with store.view(["tokenizer", "router"] + [f"forgetting/{r}" for r in REGIMES]) as run_dir:
         tok_dir = run_dir / "tokenizer"
-        test = {l: load_blocks(tok_dir, "test", l, T) for l in langs}
-        log(f"[forgetting] test split: {', '.join(f'{l} {len(b)}' for l, b in test.items())} blocks of {T} tokens")
+        sets = eval_sets(tok_dir, langs, T, eval_cfg)
+        log(f"[forgetting] {eval_cfg.split} split: {', '.join(f'{l} {len(s.blocks)}' for l, s in sets.items())} "
+            f"blocks of {T} tokens")
         for regime in REGIMES:
             model = regimes.load(regime, run_dir / "forgetting" / regime, builder(cfg, regime, langs, tok_dir))
+            model = model.to(device)
             routing, route = routes(run_dir, regime, langs, tok_dir)
             total, active = regimes.param_counts(model, regime)
-            loss = regimes.language_losses(model.to(device), regime, test, route, device, cfg.train.batch_size,
-                                           bf16=False)
-            out[regime] = {"loss": loss, "blocks": {l: len(b) for l, b in test.items()}, "routing": routing,
+            docs = {l: doc_losses(regimes.answerer(model, regime, l, route), s, device, cfg.train.batch_size)
+                    for l, s in sets.items()}
+            out[regime] = {"docs": docs, "blocks": {l: len(s.blocks) for l, s in sets.items()}, "routing": routing,
                            "params_total": total, "params_active": active}
     return out
 
@@ -186,16 +190,19 @@ def stage_table(histories: dict[str, list[dict]], langs: list[str]):
     return pd.DataFrame(records)
 
 
-def forgetting_table(stages, final: dict[str, dict]):
+def forgetting_table(stages, final: dict[str, dict], eval_cfg: EvalConfig):
     """Per regime and language: best (over trained stages) and final validation ppl, forgetting = final − best
-    (and in % of best), the final model's test ppl, how it was routed, its parameters, `by_construction`."""
+    (and in % of best), the final model's test ppl [95 % interval], how it was routed, its parameters,
+    `by_construction`."""
     trained = stages[stages.stage > 0]
     g = trained.groupby(["regime", "lang"], sort=False)["ppl"]
     table = g.min().rename("best").to_frame().join(g.last().rename("final")).reset_index()
     table["forgetting"] = (table["final"] - table["best"]).round(3)
     table["forgetting_pct"] = (100 * table["forgetting"] / table["best"]).round(2)
     rows = [(final[r], l) for r, l in zip(table.regime, table.lang)]
-    table["test_ppl"] = [round(perplexity(t["loss"][l]), 3) for t, l in rows]
+    scored = {r: interval_columns(t["docs"], eval_cfg) for r, t in final.items()}
+    for col in ("ppl", "ppl_lo", "ppl_hi"):
+        table[f"test_{col}"] = [scored[r][f"{col}/{l}"] for r, l in zip(table.regime, table.lang)]
     table["test_blocks"] = [t["blocks"][l] for t, l in rows]
     for key in ("routing", "params_total", "params_active"):
         table[key] = [t[key] for t, _ in rows]
@@ -240,14 +247,16 @@ def study_markdown(stages, table, final: dict[str, dict], langs: list[str]) -> s
     return ("Regimes (params_active: what one sequence runs through; routing: how an MoE picks the expert in "
             "evaluation, `oracle` = the block's true language):\n\n" + markdown_table(regime_table(final))
             + "\nValidation perplexity after every stage:\n\n" + markdown_table(wide[langs].reset_index())
-            + "\nForgetting = final − best validation perplexity per language; test_ppl = the final model on the "
-              "whole test split:\n\n"
-            + markdown_table(_named(table)[["regime", "lang", "best", "final", "forgetting", "forgetting_pct",
-                                           "test_ppl", "by_construction"]]))
+            + "\nForgetting = final − best validation perplexity per language; test ppl = the final model on the "
+              "test split [95 % bootstrap interval by document]:\n\n"
+            + markdown_table(_named(table).assign(test_ppl=[f"{p:,.1f} [{lo:,.1f}, {hi:,.1f}]" for p, lo, hi in
+                                                            zip(table.test_ppl, table.test_ppl_lo, table.test_ppl_hi)])
+                             [["regime", "lang", "best", "final", "forgetting", "forgetting_pct", "test_ppl",
+                               "by_construction"]]))
 
 
 def forgetting_study(cfg: ForgettingConfig, langs: list[str], store: RunStore, ray_cfg, parents: dict, seed: int,
-                     out_dir: Path, log=print) -> dict:
+                     out_dir: Path, eval_cfg: EvalConfig, log=print) -> dict:
     """Train every regime on the cluster (each model an artifact RUN_DIR/forgetting/<regime>/, skipped when up
     to date), evaluate the final models on the test split, write the tables and plots into `out_dir`; returns
     metrics. `parents` holds the tokenizer's stamp and, when the run has a router, the router's: JEET is then
@@ -263,10 +272,11 @@ def forgetting_study(cfg: ForgettingConfig, langs: list[str], store: RunStore, r
                      parents=parents if regime == "jeet" else {k: v for k, v in parents.items() if k != "router"})
             for regime in REGIMES]
     metas = train_models(store, runs, parents, ray_cfg, seed, max_parallel=cfg.max_parallel, log=log)
-    final = on_cluster(final_eval, cfg, langs, store, cpus=ray_cfg.task_cpus, gpus=ray_cfg.task_gpus,
+    final = on_cluster(final_eval, cfg, langs, store, eval_cfg, cpus=ray_cfg.task_cpus, gpus=ray_cfg.task_gpus,
                        name="forgetting-test", log=log)
     stages = stage_table({r: metas[f"forgetting/{r}"]["metrics"]["history"] for r in REGIMES}, langs)
-    table = forgetting_table(stages, final)
+    table = forgetting_table(stages, final, eval_cfg)
+    save_doc_losses(out_dir / "test_docs.npz", {r: t["docs"] for r, t in final.items()})
     stages.to_csv(out_dir / "stages.csv", index=False)
     table.to_csv(out_dir / "forgetting.csv", index=False)
     (out_dir / "forgetting.md").write_text(study_markdown(stages, table, final, langs))

@@ -196,11 +196,10 @@ def forgetting_section(run_dir: Path, plots: Path) -> str | None:
 # --- the paper's claims: the data each needs, judged by `claims.py`
 
 
-def _grid_docs(run_dir: Path):
+def _docs(run_dir: Path, path: str):
     from mome_ray.evaluation import load_doc_losses
 
-    path = run_dir / "moe" / "grid_docs.npz"
-    return load_doc_losses(path) if path.is_file() else None
+    return load_doc_losses(run_dir / path) if (run_dir / path).is_file() else None
 
 
 def _eval_cfg(run_dir: Path, stage: str):
@@ -219,10 +218,11 @@ def _claims(run_dir: Path) -> list:
         ("The router reaches 99.95 % precision/recall/F1", claims.judge_router((_meta(run_dir, "router") or {})
                                                                                .get("metrics"))),
         ("PLE ≈ JEET; MoE-CE slightly lower; the common expert brings MoE-CE close",
-         claims.judge_moe(_grid_docs(run_dir), (moe or {}).get("metrics", {}).get("routing", "router"),
+         claims.judge_moe(_docs(run_dir, "moe/grid_docs.npz"), (moe or {}).get("metrics", {}).get("routing", "router"),
                           _eval_cfg(run_dir, "moe"))),
         ("Sequential training forgets; balanced batches and the MoE do not",
-         claims.judge_forgetting(_csv(run_dir / "forgetting" / "forgetting.csv"))),
+         claims.judge_forgetting(_csv(run_dir / "forgetting" / "forgetting.csv"),
+                                 _docs(run_dir, "forgetting/test_docs.npz"), _eval_cfg(run_dir, "forgetting"))),
     ]
 
 

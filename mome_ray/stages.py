@@ -308,7 +308,7 @@ def forgetting(cfg: Settings, log=print) -> dict:
     init_ray(cfg.ray)
     t0 = time.perf_counter()
     with stage_writer(store, "forgetting", nested=True) as out:  # beside the regimes' models
-        metrics = forgetting_study(cfg.forgetting, cfg.langs, store, cfg.ray, parents, cfg.seed, out, log)
+        metrics = forgetting_study(cfg.forgetting, cfg.langs, store, cfg.ray, parents, cfg.seed, out, cfg.eval, log)
         metrics["seconds"] = round(time.perf_counter() - t0, 1)
         meta = write_meta(out, "forgetting", stage_config(cfg, "forgetting"), metrics, parents, cfg.seed)
         log("\n" + (out / "forgetting.md").read_text())

@@ -117,6 +117,21 @@ def test_forgetting_claim(table, verdict):
     assert "impossible by construction" in claim.numbers and "4.00M params" in claim.numbers
 
 
+def _regime_docs(jeet_loss: float, seq_loss: float, n: int = 40) -> dict:
+    """Per-document test losses of jeet and sequential (en, fr, de, py), noisy around the given mean losses."""
+    rng = np.random.default_rng(0)
+    make = lambda m: {l: DocLosses(rng.normal(m, 0.3, n) * 50, np.full(n, 50)) for l in ["en", "fr", "de", "py"]}  # noqa: E731
+    return {"jeet": make(jeet_loss), "sequential": make(seq_loss)}
+
+
+@pytest.mark.parametrize("jeet, seq, verdict", [(5.0, 6.0, "supported"), (6.0, 6.0, "mixed"), (6.5, 6.0, "mixed")])
+def test_forgetting_claim_compares_final_test_perplexity_with_intervals(jeet, seq, verdict):
+    table = _forgetting([40, 30, 20, 0], [1, 2, 0, 0], [2, 3, 1, 0])
+    claim = claims.judge_forgetting(table, _regime_docs(jeet, seq), EvalConfig(bootstrap=300))
+    assert claim.verdict == verdict, claim.text()
+    assert "JEET / sequential" in claim.numbers and len(claim.parts) == 4
+
+
 def test_forgetting_claim_without_the_shared_moe_regime_is_not_judged():
     table = _forgetting([40, 30, 20, 0], [1, 2, 0, 0], [0, 0, 0, 0])
     assert claims.judge_forgetting(table[table.regime != "jeet"]).verdict == "not measured"

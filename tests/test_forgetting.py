@@ -12,6 +12,7 @@ from mome_ray.forgetting import ForgettingConfig, forgetting_table, stage_table,
 from mome_ray.grid import oracle_router
 from mome_ray.models import ModelConfig
 from mome_ray.errors import MomeError
+from mome_ray.evaluation import DocLosses, EvalConfig
 from mome_ray.training import TrainConfig, build_optimizer, build_schedule, lm_train_step
 
 LANGS = ["en", "fr", "de", "py"]
@@ -120,7 +121,8 @@ def _fake_study():
             hist.append({f"val_ppl/{l}": 50.0 + (10 * stage if regime == "sequential" and l == "en" else 0)
                          for l in LANGS})
         histories[regime] = hist
-    final = {r: {"loss": {l: 3.0 for l in LANGS}, "blocks": {l: 5 for l in LANGS},
+    docs = {l: DocLosses(np.array([30.0, 60.0, 90.0]), np.array([10, 20, 30])) for l in LANGS}  # loss 3.0
+    final = {r: {"docs": docs, "blocks": {l: 5 for l in LANGS},
                  "routing": regimes.routing_of(r, "router"), "params_total": 4000 if r == "separate" else 1000,
                  "params_active": 1000} for r in regimes.REGIMES}
     return stage_table(histories, LANGS), final
@@ -128,24 +130,27 @@ def _fake_study():
 
 def test_the_forgetting_table_keeps_the_csv_contract_and_flags_only_separate():
     stages, final = _fake_study()
-    table = forgetting_table(stages, final)
+    table = forgetting_table(stages, final, EvalConfig(bootstrap=200))
     assert list(table.columns) == ["regime", "lang", "best", "final", "forgetting", "forgetting_pct", "test_ppl",
-                                   "test_blocks", "routing", "params_total", "params_active", "by_construction"]
+                                   "test_ppl_lo", "test_ppl_hi", "test_blocks", "routing", "params_total",
+                                   "params_active", "by_construction"]
     assert set(zip(table.regime, table.lang)) == {(r, l) for r in regimes.REGIMES for l in LANGS}
     assert set(table[table.by_construction].regime) == {"separate"}
     en = table.set_index(["regime", "lang"]).loc[("sequential", "en")]
     assert (en.best, en["final"], en.forgetting, en.forgetting_pct) == (60.0, 90.0, 30.0, 50.0)
     assert table.test_ppl.round(2).eq(round(np.exp(3.0), 2)).all()
+    assert (table.test_ppl_lo <= table.test_ppl).all() and (table.test_ppl <= table.test_ppl_hi).all()
     assert dict(zip(table.regime, table.routing)) == {"sequential": "-", "balanced": "-", "jeet": "router",
                                                       "separate": "oracle"}
     md = study_markdown(stages, table, final, LANGS)
+    assert "| 20.1 [" in md  # test ppl with its interval
     assert "| separate experts (forgetting impossible by construction) | one whole model per language" in md
     assert "| oracle | 4000 | 1000 | 4 |" in md  # total, active, total vs the single model
 
 
 def test_round_trips_through_csv(tmp_path):
     stages, final = _fake_study()
-    forgetting_table(stages, final).to_csv(tmp_path / "f.csv", index=False)
+    forgetting_table(stages, final, EvalConfig(bootstrap=100)).to_csv(tmp_path / "f.csv", index=False)
     df = pd.read_csv(tmp_path / "f.csv")
     assert df.by_construction.dtype == bool and df.params_total.dtype.kind == "i"
 

@@ -106,7 +106,8 @@ def test_forgetting_tables_and_plots(tiny_run):
     out = run_dir / "forgetting"
     table = pd.read_csv(out / "forgetting.csv")
     assert list(table.columns) == ["regime", "lang", "best", "final", "forgetting", "forgetting_pct", "test_ppl",
-                                   "test_blocks", "routing", "params_total", "params_active", "by_construction"]
+                                   "test_ppl_lo", "test_ppl_hi", "test_blocks", "routing", "params_total",
+                                   "params_active", "by_construction"]
     assert set(zip(table.regime, table.lang)) == {(r, l) for r in REGIMES for l in LANGS}
     assert (table.forgetting >= 0).all() and (table.final >= table.best).all()
     assert (table.test_ppl > 1).all() and (table.test_blocks > 0).all()
