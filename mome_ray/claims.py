@@ -141,12 +141,15 @@ def judge_combined(results) -> Claim:
 
 
 def judge_router(metrics: dict | None) -> Claim:
-    """Claim 3: weighted F1 on the test split's windows."""
+    """Claim 3: weighted F1 on the test split's sequences, with its bootstrap interval when the router stage
+    gave one: "reaches 99.95 %" holds when the interval reaches it (no difference from the paper's number)."""
     f1 = (metrics or {}).get("test_f1_weighted")
     if f1 is None:
         return not_measured("no router (`mome router`)")
-    return Claim(f"weighted F1 {100 * f1:.2f} % on test windows (paper 99.95 %)",
-                 [("F1 ≥ 99.95 %", f1 >= 0.9995), ("F1 ≥ 99 %", f1 >= 0.99)])
+    lo, hi = (metrics or {}).get("test_f1_interval") or (f1, f1)
+    return Claim(f"weighted F1 {100 * f1:.2f} % [{100 * lo:.2f}, {100 * hi:.2f}] on test sequences (paper 99.95 %)",
+                 [("reaches 99.95 % (within the 95 % interval)", hi >= 0.9995),
+                  ("above 99 % (the whole interval)", lo >= 0.99)])
 
 
 def _within(c, close: float = CLOSE) -> bool:

@@ -68,10 +68,26 @@ def test_paired_seeds_need_agreement_and_to_beat_the_spread():
     assert claims.paired(pd.Series([99.9, 99.9, 60.0], idx), pd.Series([100.0] * 3, idx)).verdict == "no difference"
 
 
-@pytest.mark.parametrize("f1, verdict", [(0.9996, "supported"), (0.995, "mixed"), (0.9, "not supported")])
-def test_router_claim(f1, verdict):
-    assert claims.judge_router({"test_f1_weighted": f1}).verdict == verdict
+@pytest.mark.parametrize("f1, interval, verdict", [
+    (0.9996, None, "supported"), (0.995, None, "mixed"), (0.9, None, "not supported"),
+    (0.9990, [0.9975, 0.9998], "supported"),   # below 99.95 %, but not by more than the noise
+    (0.9950, [0.9920, 0.9980], "mixed"),
+    (0.9950, [0.9850, 0.9990], "not supported"),  # the interval reaches below 99 %
+])
+def test_router_claim(f1, interval, verdict):
+    claim = claims.judge_router({"test_f1_weighted": f1, "test_f1_interval": interval})
+    assert claim.verdict == verdict, claim.text()
     assert claims.judge_router(None).verdict == "not measured"
+
+
+def test_the_router_f1_interval_covers_the_point_and_widens_with_errors():
+    from mome_ray.router.evaluate import f1_interval
+
+    y = ["en"] * 100 + ["fr"] * 100
+    perfect = f1_interval(y, y, ["en", "fr"], n=200)
+    assert perfect == [1.0, 1.0]
+    noisy = f1_interval(y, y[:95] + ["fr"] * 5 + y[100:], ["en", "fr"], n=200)
+    assert noisy[0] < 0.975 < noisy[1] <= 1.0
 
 
 def _docs(rng, shift=0.0, noise=0.0, n=60):

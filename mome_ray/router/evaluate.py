@@ -46,6 +46,17 @@ def scores(y_true: list[str], y_pred: list[str], labels: list[str]) -> dict:
     return out
 
 
+def f1_interval(y_true: list[str], y_pred: list[str], labels: list[str], n: int = 1000, seed: int = 0,
+                level: float = 0.95) -> list[float]:
+    """A bootstrap interval (resampling the texts) of the weighted F1."""
+    from sklearn.metrics import f1_score
+
+    y, p = np.asarray(y_true), np.asarray(y_pred)
+    idx = np.random.default_rng(seed).integers(0, len(y), size=(n, len(y)))
+    reps = [f1_score(y[i], p[i], labels=labels, average="weighted", zero_division=0) for i in idx]
+    return [float(v) for v in np.percentile(reps, [100 * (1 - level) / 2, 100 * (1 + level) / 2])]
+
+
 def throughput(router: Router, texts: list[str], repeats: int = 3) -> float:
     """Sequences per second of `router.predict` (best of `repeats`, tokenization included)."""
     best = float("inf")
@@ -64,6 +75,7 @@ def evaluate_router(router: Router, cases: dict[str, tuple[list[str], list[str]]
     by_length = {name: g["accuracy"] for name, g in groups.items() if name.isdigit() or name in ("whole", "sequences")}
     metrics = {
         "test_f1_weighted": groups["sequences"]["f1_weighted"],
+        "test_f1_interval": f1_interval(cases["sequences"][1], preds["sequences"], labels),
         "test_accuracy": groups["sequences"]["accuracy"],
         "accuracy_by_length": by_length,
         "heldout_accuracy": {name.removeprefix("heldout/"): g["accuracy"] for name, g in groups.items()
@@ -109,7 +121,8 @@ def plot_confusion(groups: dict[str, tuple[list[str], list[str]]], labels: list[
 def summary_lines(metrics: dict) -> list[str]:
     """The metrics a user reads after `mome router`, as printable lines."""
     g = metrics["groups"]
-    lines = [f"test sequences: weighted F1 {metrics['test_f1_weighted']:.4%}, accuracy {metrics['test_accuracy']:.4%} "
+    lo, hi = metrics.get("test_f1_interval") or (float("nan"),) * 2
+    lines = [f"test sequences: weighted F1 {metrics['test_f1_weighted']:.4%} [{lo:.2%}, {hi:.2%}], accuracy {metrics['test_accuracy']:.4%} "
              f"(n={g['sequences']['n']})",
              "accuracy by window length: " + ", ".join(f"{k} {v:.2%}" for k, v in metrics["accuracy_by_length"].items()
                                                         if k != "sequences")]
