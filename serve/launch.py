@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import ipaddress
+import os
 import signal
 import sys
 import time
@@ -105,21 +106,31 @@ def _interrupt(signum, frame):
 
 def serve_forever(run_dir: str, config: str | None, overrides: list[str], host: str | None = None,
                   port: int | None = None) -> None:
-    from ray import serve
-
-    url = start(run_dir, config, overrides, host, port)
     signal.signal(signal.SIGTERM, _interrupt)  # `ray job stop`, systemd, Kubernetes: the same clean shutdown
-    print(f"try: curl -s {url}/v1/generate -d '{{\"prompt\": \"def fib(n):\", \"max_new_tokens\": 32}}'\n"
-          f"Ctrl-C stops the app.", flush=True)
     try:
+        url = start(run_dir, config, overrides, host, port)
+        print(f"try: curl -s {url}/v1/generate -d '{{\"prompt\": \"def fib(n):\", \"max_new_tokens\": 32}}'\n"
+              f"Ctrl-C stops the app.", flush=True)
         while True:
             time.sleep(3600)
     except KeyboardInterrupt:
-        print("\n[serve] shutting down")
+        print("\n[serve] shutting down", flush=True)
     finally:
-        signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not break the shutdown
-        serve.shutdown()
-        print("[serve] stopped")
+        for sig in (signal.SIGINT, signal.SIGTERM):  # a second Ctrl-C or SIGTERM must not break the shutdown
+            signal.signal(sig, signal.SIG_IGN)
+        stop()
+
+
+def stop() -> None:
+    """Remove the app; on a cluster of our own also Serve and the cluster's processes (on a shared one, via
+    RAY_ADDRESS, other apps and Serve itself stay)."""
+    import ray
+    from ray import serve
+
+    if ray.is_initialized():
+        serve.delete(APP) if os.environ.get("RAY_ADDRESS") else serve.shutdown()
+        ray.shutdown()  # a local cluster's processes go with it, waited for
+        print("[serve] stopped", flush=True)
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -241,3 +241,44 @@ def copy_teacher_run(cfg, dest: Path) -> Path:
     copy_run(cfg.run_dir, dest)
     shutil.copytree(Path(cfg.run_dir) / "teacher", dest / "teacher")
     return dest
+
+
+# --- a servable run (tests/test_serve*.py)
+
+SERVED_LANGS = ["en", "fr", "de", "py"]
+
+
+def save_lm(path: Path, tok, seed: int, n_layer: int = 1) -> Path:
+    import torch
+
+    from mome_ray.models import ModelConfig, build_gpt2
+
+    torch.manual_seed(seed)
+    model = build_gpt2(ModelConfig(n_layer=n_layer, n_embd=32, n_head=2, n_positions=64), len(tok),
+                       tok.eos_token_id, tok.pad_token_id)
+    model.save_pretrained(str(path))  # safetensors
+    return path
+
+
+@pytest.fixture(scope="session")
+def served_run(tiny_tokenized, corpus_dir, tmp_path_factory) -> Path:
+    """The tiny tokenizer + a router trained on the in-test corpus + small untrained GPT-2 experts (serving does
+    not care how well they were trained) + a teacher, with moe/ple.json as `mome moe` writes it."""
+    import json
+
+    from mome_ray import stages
+    from mome_ray.settings import load_settings
+    from mome_ray.tokenizer import load_tokenizer
+
+    run_dir = copy_run(tiny_tokenized.run_dir, tmp_path_factory.mktemp("served"))
+    cfg = load_settings(str(ROOT / "configs/tiny.yaml"), tiny_overrides(run_dir, corpus_dir))
+    stages.router(cfg, log=lambda *a: None)
+    tok = load_tokenizer(run_dir / "tokenizer")
+    for i, lang in enumerate(SERVED_LANGS):
+        save_lm(run_dir / "experts" / lang, tok, seed=i)
+    save_lm(run_dir / "teacher", tok, seed=10, n_layer=2)
+    save_lm(run_dir / "retrained-fr", tok, seed=99)  # a "new version" of the fr expert (hot update)
+    (run_dir / "moe").mkdir()
+    (run_dir / "moe" / "ple.json").write_text(json.dumps({"experts": {l: f"experts/{l}" for l in SERVED_LANGS},
+                                                          "router": "router"}))
+    return run_dir
