@@ -229,7 +229,7 @@ class Gateway:
         select = Select() if body.model == ROUTED else Select(expert=body.model)
         seed = body.seed if body.seed is not None else secrets.randbelow(2**31)
         texts = self._batch(body.texts)
-        plans = await asyncio.gather(*[self._plan(select, t, body.max_tokens) for t in texts])
+        plans = await asyncio.gather(*[self._plan(select, t, body.max_tokens, "max_tokens") for t in texts])
         runs = [self._launch(p, body.max_tokens, body.temperature, body.top_p, seed) for p in plans]
         head = {"id": f"cmpl-{uuid.uuid4().hex[:24]}", "object": "text_completion", "created": int(time.time()),
                 "model": body.model}
@@ -310,10 +310,10 @@ class Gateway:
 
     # --- generation
 
-    async def _plan(self, select: Select, text: str, max_new: int) -> tuple[list[int], list[str], list[float], Route | None]:
+    async def _plan(self, select: Select, text: str, max_new: int, field: str = "max_new_tokens") -> tuple:
         """(prompt ids, experts, weights, route) of one generation, every bound checked: nothing has started."""
         if max_new > self.limits.max_new_tokens:
-            raise HTTPException(422, f"max_new_tokens: {max_new} is over the limit of {self.limits.max_new_tokens} "
+            raise HTTPException(422, f"{field}: {max_new} is over the limit of {self.limits.max_new_tokens} "
                                      f"(serve.limits.max_new_tokens)")
         ids = self._encode(text)
         experts, weights, route = await self._select(select, text)

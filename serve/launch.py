@@ -82,7 +82,7 @@ def start(run_dir: str, config: str | None, overrides: list[str], host: str | No
     """Deploy the app (Serve's HTTP proxy on host:port); returns its base URL."""
     from ray import serve
 
-    from mome_ray.cluster import init_ray
+    from mome_ray.cluster import init_ray, signals_kept
     from mome_ray.settings import load_settings
     from serve.app import AppArgs, build_app
 
@@ -90,7 +90,8 @@ def start(run_dir: str, config: str | None, overrides: list[str], host: str | No
     host, port = host or cfg.serve.host, port or cfg.serve.port
     app = build_app(AppArgs(run_dir=resolve_run_dir(run_dir).location, config=config or "", overrides=overrides,
                             require_token=check_exposed(cfg.serve, host)))
-    init_ray(cfg.ray)
+    with signals_kept(signal.SIGTERM):  # ray.init puts Ray's C++ handler there (a stack trace, then abort)
+        init_ray(cfg.ray)
     serve.start(http_options={"host": host, "port": port})
     log(f"[serve] deploying {run_dir} (router + {cfg.serve.artifact} experts) on http://{host}:{port} ...")
     t0 = time.perf_counter()

@@ -245,6 +245,26 @@ def copy_teacher_run(cfg, dest: Path) -> Path:
 
 # --- a servable run (tests/test_serve*.py)
 
+
+def wait_until_ready(url: str, timeout: float = 240, headers: dict | None = None, proc=None) -> None:
+    """Poll `url`/readyz until it answers 200; fail at once, with its output, when `proc` (the server) exits."""
+    import time
+
+    import requests
+
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise AssertionError(f"the server exited {proc.returncode}:\n{proc.stdout.read()[-3000:]}")
+        try:
+            if requests.get(f"{url}/readyz", headers=headers, timeout=15).status_code == 200:
+                return
+        except requests.RequestException:
+            pass
+        time.sleep(1)
+    raise TimeoutError(f"the app was not ready at {url}/readyz within {timeout} s")
+
+
 SERVED_LANGS = ["en", "fr", "de", "py"]
 
 

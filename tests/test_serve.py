@@ -9,7 +9,6 @@ import json
 import shutil
 import threading
 import time
-from pathlib import Path
 
 import pytest
 import requests
@@ -17,7 +16,7 @@ import torch
 
 from mome_ray.errors import MomeError
 from mome_ray.serving import GenRequest, ServedLM, load_spec
-from tests.conftest import ROOT, SERVED_LANGS, _free_port
+from tests.conftest import ROOT, SERVED_LANGS, _free_port, wait_until_ready
 
 LANGS = SERVED_LANGS
 TOKEN = "test-token"
@@ -150,18 +149,6 @@ def test_local_app_routes_scores_mixes_and_generates(local_app):
 # --- one real HTTP session on loopback
 
 
-def wait_until_serving(url: str, timeout: float = 240, headers: dict | None = None) -> None:
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        try:
-            if requests.get(f"{url}/readyz", headers=headers, timeout=15).status_code == 200:
-                return
-        except requests.RequestException:
-            pass
-        time.sleep(1)
-    raise TimeoutError(f"the app was not ready at {url}/readyz within {timeout} s")
-
-
 @pytest.fixture(scope="module")
 def http_app(ray_head, served_run, tmp_path_factory):
     """The app deployed the way `serve deploy` does (declarative, through the dashboard's REST API), its token
@@ -180,7 +167,7 @@ def http_app(ray_head, served_run, tmp_path_factory):
         json=deploy_config(str(served_run), None, overrides, "127.0.0.1", port, models)).raise_for_status()
     deploy()
     url = f"http://127.0.0.1:{port}"
-    wait_until_serving(url, headers={"Authorization": f"Bearer {TOKEN}"})
+    wait_until_ready(url, headers={"Authorization": f"Bearer {TOKEN}"})
     session = Client()
     session.headers["Authorization"] = f"Bearer {TOKEN}"
     try:
@@ -252,6 +239,7 @@ def test_http_every_endpoint(http_app):
     ("/v1/completions", {"prompt": []}, 422, "prompt: give at least one text"),
     ("/v1/completions", {"prompt": ["a", ""]}, 422, "prompt: must not be empty"),
     ("/v1/completions", {"prompt": ["a"] * 65}, 422, "give 1 to 64 texts"),
+    ("/v1/completions", {"prompt": "x", "max_tokens": 33}, 422, "max_tokens: 33 is over the limit of 32"),
     ("/v1/completions", {"prompt": [[1, 2]]}, 422, "prompt.list[str].0: Input should be a valid string"),
     ("/v1/completions", {"prompt": ["x", "word " * 60], "max_tokens": 32}, 422, "does not fit the context"),
     ("/v1/nothing", {"prompt": "x"}, 404, "Not Found"),

@@ -15,12 +15,11 @@ import time
 from pathlib import Path
 
 import pytest
-import requests
 import yaml
 
 from mome_ray.errors import MomeError
 from mome_ray.serving import ServedLM, file_version, read_token
-from tests.conftest import ROOT, _free_port
+from tests.conftest import ROOT, _free_port, wait_until_ready
 
 SECRET = "s3cret-never-in-a-config"
 
@@ -137,17 +136,7 @@ def test_mome_serve_stops_on_sigterm_with_exit_0_and_leaves_no_process(served_ru
                             stderr=subprocess.STDOUT, text=True, start_new_session=True)
     ours: dict[int, str] = {}
     try:
-        deadline = time.time() + 300
-        while time.time() < deadline:
-            assert proc.poll() is None, proc.stdout.read()[-3000:]
-            try:
-                if requests.get(f"http://127.0.0.1:{port}/readyz", timeout=15).status_code == 200:
-                    break
-            except requests.RequestException:
-                pass
-            time.sleep(1)
-        else:
-            raise AssertionError("mome serve was not ready in 300 s")
+        wait_until_ready(f"http://127.0.0.1:{port}", 300, proc=proc)
         ours = process_tree(proc.pid)
         assert any("raylet" in cmd for cmd in still_running(ours).values())  # it started its own cluster
         proc.send_signal(signal.SIGTERM)
