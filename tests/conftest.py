@@ -12,6 +12,7 @@ from the interpreter's stdlib: tests never touch the network or the fetched Debi
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import shutil
@@ -244,6 +245,27 @@ def copy_teacher_run(cfg, dest: Path) -> Path:
 
 
 # --- a servable run (tests/test_serve*.py)
+
+
+@contextlib.contextmanager
+def local_serve():
+    """Serve's local testing mode (`serve.run(app, _local_testing_mode=True)`) as a replica would run it; Ray
+    2.60's lacks two things: @serve.batch asks for a replica context (there is none) to print a warning, and
+    `reconfigure` is started but not waited for, so a request could reach an expert before its model loads."""
+    from ray.serve import batching
+    from ray.serve._private import replica
+
+    start = replica.UserCallableWrapper.call_reconfigure
+
+    def call_reconfigure(self, *args, **kwargs):
+        done = start(self, *args, **kwargs)  # a concurrent future in local testing mode
+        done.result()
+        return done
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(batching._BatchQueue, "_warn_if_max_batch_size_exceeds_max_ongoing_requests", lambda self: None)
+        mp.setattr(replica.UserCallableWrapper, "call_reconfigure", call_reconfigure)
+        yield
 
 
 def wait_until_ready(url: str, timeout: float = 240, headers: dict | None = None, proc=None) -> None:

@@ -16,7 +16,7 @@ import torch
 
 from mome_ray.errors import MomeError
 from mome_ray.serving import GenRequest, ServedLM, load_spec
-from tests.conftest import ROOT, SERVED_LANGS, _free_port, wait_until_ready
+from tests.conftest import ROOT, SERVED_LANGS, _free_port, local_serve, wait_until_ready
 
 LANGS = SERVED_LANGS
 TOKEN = "test-token"
@@ -104,15 +104,11 @@ def test_request_models_and_error_messages():
 @pytest.fixture(scope="module")
 def local_app(served_run):
     from ray import serve
-    from ray.serve import batching
 
-    # Ray 2.60's local testing mode has no replica context, which @serve.batch asks for to print a warning.
-    original = batching._BatchQueue._warn_if_max_batch_size_exceeds_max_ongoing_requests
-    batching._BatchQueue._warn_if_max_batch_size_exceeds_max_ongoing_requests = lambda self: None
     from serve.app import AppArgs, build_app
 
-    yield serve.run(build_app(AppArgs(run_dir=str(served_run))), _local_testing_mode=True)
-    batching._BatchQueue._warn_if_max_batch_size_exceeds_max_ongoing_requests = original
+    with local_serve():
+        yield serve.run(build_app(AppArgs(run_dir=str(served_run))), _local_testing_mode=True)
 
 
 def test_local_app_routes_scores_mixes_and_generates(local_app):

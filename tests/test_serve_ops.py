@@ -19,17 +19,9 @@ import yaml
 
 from mome_ray.errors import MomeError
 from mome_ray.serving import ServedLM, file_version, read_token
-from tests.conftest import ROOT, _free_port, wait_until_ready
+from tests.conftest import ROOT, _free_port, local_serve, wait_until_ready
 
 SECRET = "s3cret-never-in-a-config"
-
-
-@pytest.fixture
-def no_batch_warning(monkeypatch):
-    """@serve.batch asks a replica context for a warning when its size is set; a test outside Serve has none."""
-    from ray.serve import batching
-
-    monkeypatch.setattr(batching._BatchQueue, "_warn_if_max_batch_size_exceeds_max_ongoing_requests", lambda self: None)
 
 
 def test_the_token_comes_from_a_file_or_the_env_var_it_names(tmp_path, monkeypatch):
@@ -62,35 +54,35 @@ def test_deploy_config_refuses_an_open_host_without_a_token_and_never_writes_it(
     assert from_file["applications"][0]["args"]["overrides"] == [f"serve.token_file={tmp_path / 'token'}"]
 
 
-def test_an_ingress_that_must_have_a_token_refuses_to_start_without_one(served_run, monkeypatch, no_batch_warning):
+def test_an_ingress_that_must_have_a_token_refuses_to_start_without_one(served_run, monkeypatch):
     from ray import serve
 
     from serve.app import AppArgs, build_app
 
     monkeypatch.setenv("MOME_SERVE_TOKEN", "")
     app = build_app(AppArgs(run_dir=str(served_run), overrides=["serve.teacher=false"], require_token=True))
-    with pytest.raises(Exception, match="not on loopback and this ingress replica has no bearer token"):
+    with local_serve(), pytest.raises(Exception, match="not on loopback and this ingress replica has no bearer token"):
         serve.run(app, _local_testing_mode=True)
 
 
-def test_an_expert_loads_its_model_once_in_reconfigure_and_checks_its_health(served_run, monkeypatch,
-                                                                             no_batch_warning):
+def test_an_expert_loads_its_model_once_in_reconfigure_and_checks_its_health(served_run, monkeypatch):
     import serve.app as app
 
     loads = []
     monkeypatch.setattr(app, "ServedLM", lambda d, device: loads.append(Path(d).name) or ServedLM(d, device))
     _, _, experts = app.resolve(app.AppArgs(run_dir=str(served_run)))
-    expert = app.Expert.func_or_class("fr", 1)  # what Serve does: __init__, then reconfigure(user_config)
-    assert loads == []
-    with pytest.raises(RuntimeError, match="no model loaded"):
+    new = {**experts["fr"], "stage": "retrained-fr",
+           "version": file_version(served_run / "retrained-fr" / "model.safetensors")}
+    with local_serve():  # @serve.batch asks for a replica context: none here either
+        expert = app.Expert.func_or_class("fr", 1)  # what Serve does: __init__, then reconfigure(user_config)
+        assert loads == []
+        with pytest.raises(RuntimeError, match="no model loaded"):
+            asyncio.run(expert.check_health())
+        expert.reconfigure(experts["fr"])
+        expert.reconfigure(experts["fr"])  # the same version again: nothing to load
+        assert loads == ["fr"]
         asyncio.run(expert.check_health())
-    expert.reconfigure(experts["fr"])
-    expert.reconfigure(experts["fr"])  # the same version again: nothing to load
-    assert loads == ["fr"]
-    asyncio.run(expert.check_health())
-    new = {**experts["fr"], "stage": "retrained-fr", "version": file_version(served_run / "retrained-fr" /
-                                                                           "model.safetensors")}
-    expert.reconfigure(new)  # a hot update: the new version, once
+        expert.reconfigure(new)  # a hot update: the new version, once
     assert loads == ["fr", "retrained-fr"] and expert.lm.version == new["version"]
 
 
