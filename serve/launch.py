@@ -128,10 +128,14 @@ def stop() -> None:
     import ray
     from ray import serve
 
-    if ray.is_initialized():
-        serve.delete(APP) if os.environ.get("RAY_ADDRESS") else serve.shutdown()
-        ray.shutdown()  # a local cluster's processes go with it, waited for
-        print("[serve] stopped", flush=True)
+    if not ray.is_initialized():
+        return
+    if os.environ.get("RAY_ADDRESS"):
+        serve.delete(APP)
+    else:
+        serve.shutdown()
+    ray.shutdown()  # a local cluster's processes go with it, waited for
+    print("[serve] stopped", flush=True)
 
 
 def _parser() -> argparse.ArgumentParser:
