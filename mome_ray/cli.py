@@ -15,8 +15,8 @@
     mome serve        runs/small --config configs/small.yaml
     mome pipeline     --config configs/small.yaml
 
-Trailing `a.b=c` arguments override the config. Connects to RAY_ADDRESS when set, else starts a local
-Ray cluster on 127.0.0.1. A user mistake prints one clear line and exits 2.
+`a.b=c` arguments override the config; options and overrides come in any order. Connects to RAY_ADDRESS
+when set, else starts a local Ray cluster on 127.0.0.1. A user mistake prints one clear line and exits 2.
 """
 
 from __future__ import annotations
@@ -82,11 +82,26 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def parse_args(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespace:
+    """`parser.parse_args`, with options and `key=value` overrides in any order.
+
+    argparse fills a `nargs="*"` positional from the first run of positionals only (often an empty one before
+    the first option), so an override after an option comes back unparsed: it joins `overrides`, in order.
+    """
+    args, extra = parser.parse_known_args(argv)
+    stray = [a for a in extra if a.startswith("-") or "=" not in a or not hasattr(args, "overrides")]
+    if stray:
+        parser.error(f"unrecognized arguments: {' '.join(stray)}")
+    if extra:
+        args.overrides = [*args.overrides, *extra]
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["serve"]:  # the app layer's entry point, in this process (the library never imports it)
         os.execv(sys.executable, [sys.executable, "-m", "serve.launch", *argv[1:]])
-    args = _parser().parse_args(argv)
+    args = parse_args(_parser(), argv)
     try:
         from mome_ray import stages
         from mome_ray.settings import load_settings

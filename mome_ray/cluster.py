@@ -165,17 +165,23 @@ def on_cluster(fn, *args, cpus: float = 1, gpus: float = 0, name: str = "", log=
         raise
 
 
-@contextlib.contextmanager
 def sigint_kept():
     """Put this process's SIGINT handler back after the block: Train V2's `fit()` and Tune's `Tuner.fit()`
     install their own in the main thread and leave it behind (Ray 2.60), so a later Ctrl-C in the same
     driver (e.g. during `fit_many` after the teacher) would only poke a finished run instead of interrupting."""
-    handler = signal.getsignal(signal.SIGINT)
+    return signals_kept(signal.SIGINT)
+
+
+@contextlib.contextmanager
+def signals_kept(*signums: int):
+    """Put this process's Python handlers of `signums` back after the block (main thread only)."""
+    handlers = {s: signal.getsignal(s) for s in signums}
     try:
         yield
     finally:
         if threading.current_thread() is threading.main_thread():
-            signal.signal(signal.SIGINT, handler)
+            for s, handler in handlers.items():
+                signal.signal(s, handler)
 
 
 def storage_path(cfg: RayConfig, run: RunStore) -> str:

@@ -29,7 +29,7 @@ from mome_ray.jeet import COMMON
 from mome_ray.moe import sample_next
 
 TEACHER = "teacher"
-TOKEN_ENV = "MOME_SERVE_TOKEN"  # bearer token for the HTTP API; overrides serve.auth_token
+TOKEN_ENV = "MOME_SERVE_TOKEN"  # the default env var holding the HTTP API's bearer token
 
 
 @dataclass
@@ -79,7 +79,11 @@ class ServeConfig:
     teacher: bool = True  # also deploy the teacher (request it with expert="teacher"): the baseline to compare
     host: str = "127.0.0.1"  # `mome serve` binds loopback unless told otherwise
     port: int = 8000
-    auth_token: str = ""  # bearer token required on /v1/*; env MOME_SERVE_TOKEN overrides; "" = no auth
+    # The bearer token required on /v1/* and /readyz: a secret the cluster has, never a value in a config. Each
+    # ingress replica reads it in its own process: from `token_file` when set (e.g. a mounted secret), else
+    # from the env var `token_env` (set on the nodes, or in the deployment's runtime_env). None = no auth.
+    token_env: str = TOKEN_ENV
+    token_file: str = ""
     access_log: bool = False  # per-request access logs (off: they cost throughput, DESIGN.md)
     limits: ServeLimits = field(default_factory=ServeLimits)
     router: DeploymentArgs = field(default_factory=lambda: DeploymentArgs(num_cpus=0.25, max_batch_size=32))
@@ -90,7 +94,21 @@ class ServeConfig:
         return self.experts.get(name, self.expert)
 
     def token(self) -> str:
-        return os.environ.get(TOKEN_ENV, self.auth_token)
+        return read_token(self.token_env, self.token_file)
+
+
+def read_token(token_env: str, token_file: str) -> str:
+    """The bearer token where this process runs: the file `token_file` when set, else $`token_env` ("" = none)."""
+    if not token_file:
+        return os.environ.get(token_env, "") if token_env else ""
+    try:
+        token = Path(token_file).read_text().strip()
+    except OSError as e:
+        raise MomeError(f"serve.token_file '{token_file}' cannot be read here ({e.strerror}): the token file must "
+                        f"exist on every node that runs the ingress") from None
+    if not token:
+        raise MomeError(f"serve.token_file '{token_file}' is empty: write the bearer token in it")
+    return token
 
 
 @dataclass

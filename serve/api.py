@@ -75,30 +75,36 @@ class GenerateResponse(BaseModel):
     finish_reason: Literal["stop", "length"]
 
 
+class StreamOptions(BaseModel):
+    include_usage: bool = Field(False, description="end the stream with a chunk holding `usage` (no choices)")
+
+
 class CompletionRequest(BaseModel):
     """The subset of OpenAI's POST /v1/completions we serve; `model` is "mome" (routed) or an expert name."""
 
     model_config = ConfigDict(extra="ignore")
     model: str = "mome"
-    prompt: str | list[str]
+    prompt: str | list[str] = Field(description="a text, or a list of texts: one choice each (at most "
+                                                "serve.limits.max_batch)")
     max_tokens: int = Field(16, ge=1, le=4096)
     temperature: float = Field(1.0, ge=0.0, le=10.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     seed: int | None = Field(None, ge=0, le=2**63 - 1)
     stream: bool = False
-    n: int = Field(1, ge=1, le=1, description="one completion per request")
+    stream_options: StreamOptions | None = None
+    n: int = Field(1, ge=1, le=1, description="one completion per prompt")
 
     @model_validator(mode="after")
-    def _one_prompt(self):
-        if isinstance(self.prompt, list) and len(self.prompt) != 1:
-            raise ValueError("prompt: give one prompt (a string or a list of exactly one string)")
-        if not self.text:
+    def _texts(self):
+        if not self.texts:
+            raise ValueError("prompt: give at least one text")
+        if not all(self.texts):
             raise ValueError("prompt: must not be empty")
         return self
 
     @property
-    def text(self) -> str:
-        return self.prompt if isinstance(self.prompt, str) else self.prompt[0]
+    def texts(self) -> list[str]:
+        return [self.prompt] if isinstance(self.prompt, str) else self.prompt
 
 
 class ExpertInfo(BaseModel):
@@ -112,3 +118,19 @@ class ExpertInfo(BaseModel):
 class ExpertsResponse(BaseModel):
     experts: list[ExpertInfo]
     router: dict  # classes, unknown_below, version
+
+
+class ModelCard(BaseModel):
+    """One entry of GET /v1/models (OpenAI's model object): the routed MoE ("mome") or one of its experts."""
+
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str = "mome-ray"
+    kind: Literal["moe", "language", "common", "teacher"]
+    variant: str | None = None  # the MoE's variant (ple) for "mome"
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]

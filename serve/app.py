@@ -30,7 +30,6 @@ from pathlib import Path
 
 import torch
 from fastapi import HTTPException
-from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, Field
 from ray import serve
 from ray.serve.handle import DeploymentHandle
@@ -40,12 +39,16 @@ from mome_ray.moe import sample_next
 from mome_ray.router.store import INFO as ROUTER_INFO
 from mome_ray.errors import MomeError
 from mome_ray.storage import RunStore
-from mome_ray.serving import (TEACHER, GenRequest, ServeConfig, ServedLM, ServeSpec, check_artifact,
-                               load_spec)
+from mome_ray.serving import (TEACHER, TOKEN_ENV, GenRequest, ServeConfig, ServedLM, ServeSpec, check_artifact,
+                               load_spec, read_token)
 from mome_ray.training import process_device
-from serve.api import (CompletionRequest, ExpertInfo, ExpertsResponse, GenerateRequest, GenerateResponse, Route,
-                       RouteRequest, RouteResponse, ScoreRequest, ScoreResponse, Select)
+from serve.api import (CompletionRequest, ExpertInfo, ExpertsResponse, GenerateRequest, GenerateResponse, ModelCard,
+                       ModelList, Route, RouteRequest, RouteResponse, ScoreRequest, ScoreResponse, Select)
 from serve.http import http_app
+from serve.streams import Generation, choice, choice_stream, merged, sse, usage
+
+ROUTED = "mome"  # the OpenAI model id of the routed MoE; an expert's name forces that expert
+VARIANT = "ple"  # the MoE variant served (its experts as separate LMs)
 
 def replica_setup(threads: int) -> None:
     """torch threads = the replica's CPUs; no progress bars or INFO lines from transformers."""
@@ -64,17 +67,18 @@ class Expert:
     be shared by every expert living in one process (Serve's local testing mode) and mix their requests.
     """
 
-    def __init__(self, name: str, threads: int, config: dict):
+    def __init__(self, name: str, threads: int):
         replica_setup(threads)
         self.name, self.lm, self.source = name, None, None
-        batch = serve.batch(max_batch_size=config["max_batch_size"], batch_wait_timeout_s=config["batch_wait_timeout_s"])
+        batch = serve.batch(max_batch_size=1)  # sizes from the user_config, in reconfigure
         self._score, self._next = batch(self._score_rows), batch(self._next_rows)
         self._generate = batch(self._generate_rows)
-        self.reconfigure(config)  # Serve calls it again with the same user_config: a no-op then
 
     def reconfigure(self, config: dict) -> None:
         """Load artifact `config["stage"]` of run `config["run"]` (fetched to this replica's node) unless this
-        version is already loaded; then swap (a hot update)."""
+        version is already loaded; then swap (a hot update). Serve calls it right after `__init__` with the
+        deployment's user_config: the only place a model loads, so a replica started after a hot update loads
+        the new version once (not the one it was first bound with, then the new one)."""
         for queue in (self._score, self._next, self._generate):
             queue.set_max_batch_size(config["max_batch_size"])
             queue.set_batch_wait_timeout_s(config["batch_wait_timeout_s"])
@@ -83,6 +87,12 @@ class Expert:
             # on the replica's GPU when it has one; requests already running keep the model they hold
             self.lm = ServedLM(RunStore(config["run"]).fetch(config["stage"]), process_device())
             self.source = source
+
+    async def check_health(self) -> None:
+        """Serve's periodic health check: a replica whose model cannot run a 2-token forward is replaced."""
+        if self.lm is None:
+            raise RuntimeError(f"expert {self.name}: no model loaded (its reconfigure never succeeded)")
+        await asyncio.to_thread(self.lm.score, [[0, 0]])
 
     def info(self) -> dict:
         return {"name": self.name, **self.lm.info()}
@@ -145,7 +155,14 @@ class Gateway:
             self.router_info = {"classes": self.router.classes, "unknown_below": self.router.unknown_below,
                                 "version": spec["router_version"]}
         self._route_batch = serve.batch(max_batch_size=spec["router_batch"], batch_wait_timeout_s=0.002)(self._route_rows)
-        self.token = spec["token"]
+        self.variant, self.created = spec["variant"], int(time.time())
+        self.token = read_token(spec["token_env"], spec["token_file"])  # this replica's own environment
+        if spec["require_token"] and not self.token:
+            where = f"the file serve.token_file '{spec['token_file']}'" if spec["token_file"] else \
+                f"${spec['token_env'] or TOKEN_ENV} (serve.token_env)"
+            raise MomeError(f"the HTTP proxy is not on loopback and this ingress replica has no bearer token: put it "
+                            f"in {where} on every node that runs the ingress (or in the router deployment's "
+                            f"runtime_env), or bind 127.0.0.1")
 
     def __serve_build_asgi_app__(self):
         """The FastAPI app, built in the replica (nothing of it is pickled)."""
@@ -154,11 +171,28 @@ class Gateway:
     # --- endpoints
 
     async def healthz(self) -> dict:
+        """Liveness: this replica answers. Costs nothing (no RPC), so it needs no token."""
+        return {"status": "ok"}
+
+    async def readyz(self) -> dict:
+        """Readiness: every expert answers within 10 s (one RPC each, hence behind the token)."""
         try:
             await asyncio.wait_for(asyncio.gather(*[h.info.remote() for h in self.handles.values()]), 10)
         except Exception as e:  # an expert is down or restarting: not ready (a server state, not a client error)
             raise HTTPException(503, f"an expert is not answering: {type(e).__name__}") from None
-        return {"status": "ok", "experts": list(self.handles)}
+        return {"status": "ready", "experts": list(self.handles)}
+
+    async def models(self) -> ModelList:
+        """OpenAI's model list: "mome" (routed) and each expert (forced), from what this replica knows."""
+        cards = [ModelCard(id=ROUTED, created=self.created, kind="moe", variant=self.variant)]
+        cards += [ModelCard(id=n, created=self.created, kind=self.kinds[n]) for n in self.handles]
+        return ModelList(data=cards)
+
+    async def model(self, name: str) -> ModelCard:
+        card = next((c for c in (await self.models()).data if c.id == name), None)
+        if card is None:
+            raise HTTPException(404, f"no model '{name}': this app serves {[ROUTED, *self.handles]}")
+        return card
 
     async def experts(self) -> ExpertsResponse:
         infos = await asyncio.gather(*[h.info.remote() for h in self.handles.values()])
@@ -166,12 +200,7 @@ class Gateway:
                                router=self.router_info)
 
     async def route(self, body: RouteRequest) -> RouteResponse:
-        texts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
-        if not 1 <= len(texts) <= self.limits.max_batch:
-            raise HTTPException(422, f"prompt: give 1 to {self.limits.max_batch} texts (serve.limits.max_batch), "
-                                     f"got {len(texts)}")
-        for t in texts:
-            self._check_chars(t)
+        texts = self._batch([body.prompt] if isinstance(body.prompt, str) else body.prompt)
         self._need_router()
         return RouteResponse(results=list(await asyncio.gather(*[self._route_batch(t) for t in texts])))
 
@@ -186,7 +215,8 @@ class Gateway:
                              perplexity=math.exp(-logp.mean().item()))
 
     async def generate(self, body: GenerateRequest):
-        run = await self._start(body, body.prompt, body.max_new_tokens, body.temperature, body.top_p, body.seed)
+        plan = await self._plan(body, body.prompt, body.max_new_tokens)
+        run = self._launch(plan, body.max_new_tokens, body.temperature, body.top_p, body.seed)
         if body.stream:
             return sse(self._generate_events(run))
         text, n, reason = await run.collect()
@@ -194,18 +224,20 @@ class Gateway:
                                 prompt_tokens=run.prompt_tokens, completion_tokens=n, finish_reason=reason)
 
     async def completions(self, body: CompletionRequest):
-        """OpenAI-compatible completions (one choice; `model`: "mome" routes, an expert name forces it)."""
-        select = Select() if body.model == "mome" else Select(expert=body.model)
+        """OpenAI-compatible completions: one choice per prompt (`model`: "mome" routes, an expert name forces it).
+        Every prompt is checked and routed before any generation starts: a mistake in one costs nothing."""
+        select = Select() if body.model == ROUTED else Select(expert=body.model)
         seed = body.seed if body.seed is not None else secrets.randbelow(2**31)
-        run = await self._start(select, body.text, body.max_tokens, body.temperature, body.top_p, seed)
+        texts = self._batch(body.texts)
+        plans = await asyncio.gather(*[self._plan(select, t, body.max_tokens, "max_tokens") for t in texts])
+        runs = [self._launch(p, body.max_tokens, body.temperature, body.top_p, seed) for p in plans]
         head = {"id": f"cmpl-{uuid.uuid4().hex[:24]}", "object": "text_completion", "created": int(time.time()),
                 "model": body.model}
         if body.stream:
-            return sse(self._completion_events(run, head))
-        text, n, reason = await run.collect()
-        return {**head, "choices": [{"text": text, "index": 0, "logprobs": None, "finish_reason": reason}],
-                "usage": {"prompt_tokens": run.prompt_tokens, "completion_tokens": n,
-                          "total_tokens": run.prompt_tokens + n}}
+            return sse(self._completion_events(runs, head, body.stream_options and body.stream_options.include_usage))
+        done = await asyncio.gather(*[r.collect() for r in runs])
+        return {**head, "choices": [choice(i, text, reason) for i, (text, _, reason) in enumerate(done)],
+                "usage": usage(runs)}
 
     # --- routing
 
@@ -246,6 +278,14 @@ class Gateway:
 
     # --- tokens and limits
 
+    def _batch(self, texts: list[str]) -> list[str]:
+        if not 1 <= len(texts) <= self.limits.max_batch:
+            raise HTTPException(422, f"prompt: give 1 to {self.limits.max_batch} texts (serve.limits.max_batch), "
+                                     f"got {len(texts)}")
+        for t in texts:
+            self._check_chars(t)
+        return texts
+
     def _check_chars(self, text: str) -> None:
         if len(text) > self.limits.max_prompt_chars:
             raise HTTPException(422, f"prompt: {len(text):,} characters is over the limit of "
@@ -270,14 +310,18 @@ class Gateway:
 
     # --- generation
 
-    async def _start(self, select: Select, text: str, max_new: int, temperature: float, top_p: float,
-                     seed: int) -> Generation:
+    async def _plan(self, select: Select, text: str, max_new: int, field: str = "max_new_tokens") -> tuple:
+        """(prompt ids, experts, weights, route) of one generation, every bound checked: nothing has started."""
         if max_new > self.limits.max_new_tokens:
-            raise HTTPException(422, f"max_new_tokens: {max_new} is over the limit of {self.limits.max_new_tokens} "
+            raise HTTPException(422, f"{field}: {max_new} is over the limit of {self.limits.max_new_tokens} "
                                      f"(serve.limits.max_new_tokens)")
         ids = self._encode(text)
         experts, weights, route = await self._select(select, text)
         self._check_fits(experts, len(ids), max_new)
+        return ids, experts, weights, route
+
+    def _launch(self, plan, max_new: int, temperature: float, top_p: float, seed: int) -> Generation:
+        ids, experts, weights, route = plan
         req = GenRequest(ids, max_new, temperature, top_p, seed)
         if len(experts) == 1:
             tokens = self.handles[experts[0]].options(stream=True).generate.remote(req)
@@ -303,57 +347,14 @@ class Gateway:
             yield {"text": delta}
         yield {"finish_reason": run.finish_reason, "completion_tokens": run.n, "prompt_tokens": run.prompt_tokens}
 
-    async def _completion_events(self, run: Generation, head: dict) -> AsyncIterator[dict]:
-        async for delta in run.deltas():
-            yield {**head, "choices": [{"text": delta, "index": 0, "logprobs": None, "finish_reason": None}]}
-        yield {**head, "choices": [{"text": "", "index": 0, "logprobs": None, "finish_reason": run.finish_reason}]}
-
-
-class Generation:
-    """One request's token stream, decoded into text as it arrives (never splitting a UTF-8 character)."""
-
-    def __init__(self, experts, weights, route, prompt_tokens: int, tokens, tok, eos: int):
-        self.experts, self.weights, self.route, self.prompt_tokens = experts, weights, route, prompt_tokens
-        self.tokens, self.tok, self.eos = tokens, tok, eos
-        self.ids: list[int] = []
-        self.finish_reason = "length"
-
-    @property
-    def n(self) -> int:
-        return len(self.ids)
-
-    async def deltas(self) -> AsyncIterator[str]:
-        shown = ""
-        async for t in self.tokens:
-            if t == self.eos:
-                self.finish_reason = "stop"
-                break
-            self.ids.append(t)
-            text = self.tok.decode(self.ids)
-            if not text.endswith("\ufffd") and len(text) > len(shown):  # a character still incomplete: wait
-                yield text[len(shown):]
-                shown = text
-        text = self.tok.decode(self.ids)
-        if len(text) > len(shown):
-            yield text[len(shown):]
-
-    async def collect(self) -> tuple[str, int, str]:
-        text = "".join([d async for d in self.deltas()])
-        return text, self.n, self.finish_reason
-
-
-def sse(events: AsyncIterator[dict]) -> StreamingResponse:
-    """Server-sent events: `data: {json}` per event, then `data: [DONE]`."""
-
-    async def body():
-        try:
-            async for e in events:
-                yield f"data: {json.dumps(e)}\n\n"
-        except Exception as e:  # the status line is gone: report the failure in the stream
-            yield f"event: error\ndata: {json.dumps({'error': {'message': f'{type(e).__name__}: {e}'}})}\n\n"
-        yield "data: [DONE]\n\n"
-
-    return StreamingResponse(body(), media_type="text/event-stream")
+    async def _completion_events(self, runs: list[Generation], head: dict, include_usage: bool) -> AsyncIterator[dict]:
+        """OpenAI's chunks: each choice's text pieces as they come (choices interleave), then its finish_reason;
+        with stream_options.include_usage, `usage: null` on each and a last chunk with the counts, no choices."""
+        extra = {"usage": None} if include_usage else {}
+        async for c in merged([choice_stream(i, run) for i, run in enumerate(runs)]):
+            yield {**head, "choices": [c], **extra}
+        if include_usage:
+            yield {**head, "choices": [], "usage": usage(runs)}
 
 
 # --- the application builder
@@ -366,6 +367,8 @@ class AppArgs(BaseModel):
     config: str = Field("", description="a preset YAML whose `serve:` section configures the app")
     overrides: list[str] = Field(default_factory=list, description="config overrides, e.g. serve.teacher=false")
     models: dict[str, str] = Field(default_factory=dict, description="serve another model dir for an expert")
+    require_token: bool = Field(False, description="the ingress refuses to start without a bearer token (set when "
+                                                   "the HTTP proxy binds off loopback)")
 
 
 def resolve(args: AppArgs) -> tuple[ServeConfig, ServeSpec, dict[str, dict]]:
@@ -401,7 +404,7 @@ def build_app(args: AppArgs | dict) -> serve.Application:
     for name, user_config in experts.items():
         opts = cfg.expert_args(name)
         handles[name] = Expert.options(**opts.options(f"expert-{name}", cfg.access_log), user_config=user_config).bind(
-            name, max(1, round(opts.num_cpus)), user_config)
+            name, max(1, round(opts.num_cpus)))
     kinds = {n: "teacher" if n == TEACHER else "common" if n == COMMON else "language" for n in experts}
     store = RunStore(spec.run)
     router_version = None
@@ -409,7 +412,8 @@ def build_app(args: AppArgs | dict) -> serve.Application:
         router_version = json.loads(info).get("sha256", "")[:12] or None  # the sha256 its loader checks it by
     gateway = {"run": spec.run, "langs": spec.langs, "kinds": kinds, "tokenizer": spec.tokenizer,
                "router": spec.router, "router_version": router_version,
-               "router_batch": cfg.router.max_batch_size, "token": cfg.token(),
+               "router_batch": cfg.router.max_batch_size, "variant": VARIANT, "token_env": cfg.token_env,
+               "token_file": cfg.token_file, "require_token": args.require_token,
                "limits": dataclasses.asdict(cfg.limits),
                "n_positions": {n: json.loads(RunStore(u["run"]).read_bytes(f"{u['stage']}/config.json"))["n_positions"]
                                for n, u in experts.items()}}

@@ -23,10 +23,11 @@ from ray.exceptions import RayActorError
 from starlette.exceptions import HTTPException
 
 from mome_ray.errors import MomeError
-from serve.api import (CompletionRequest, ExpertsResponse, GenerateRequest, GenerateResponse, RouteRequest,
-                       RouteResponse, ScoreRequest, ScoreResponse)
+from serve.api import (CompletionRequest, ExpertsResponse, GenerateRequest, GenerateResponse, ModelCard, ModelList,
+                       RouteRequest, RouteResponse, ScoreRequest, ScoreResponse)
 
-OPEN_PATHS = ("/healthz", "/docs", "/openapi.json", "/redoc")  # never need the token
+# Never need the token: liveness costs nothing, the docs are static. /readyz (one RPC per expert) does.
+OPEN_PATHS = ("/healthz", "/docs", "/openapi.json", "/redoc")
 ERROR_TYPES = {401: "authentication_error", 404: "not_found_error", 405: "invalid_request_error",
                413: "request_too_large", 503: "service_unavailable"}
 
@@ -99,7 +100,7 @@ class Guard:
         headers = dict(scope.get("headers") or [])
         if self.token and not scope["path"].startswith(OPEN_PATHS) and not self._authorized(headers):
             return await error_response(401, "missing or wrong bearer token: send 'Authorization: Bearer <token>' "
-                                        "(the token is serve.auth_token or $MOME_SERVE_TOKEN)",
+                                        "(the server reads it from serve.token_file or $MOME_SERVE_TOKEN)",
                                         {"WWW-Authenticate": "Bearer"})(scope, receive, send)
         if scope["method"] == "POST" and headers.get(b"content-type", b"").split(b";")[0] != b"application/json":
             # Every POST body is JSON: read it as JSON whatever the client said (`curl -d` says form data).
@@ -147,9 +148,21 @@ def http_app(gw, token: str, max_body_bytes: int) -> FastAPI:
     app.add_middleware(Guard, token=token, max_body_bytes=max_body_bytes)
     install_error_handlers(app)
 
-    @app.get("/healthz")
+    @app.get("/healthz", description="Liveness: the ingress answers (no RPC, no token).")
     async def healthz() -> dict:
         return await gw.healthz()
+
+    @app.get("/readyz", description="Readiness: every expert answers (one RPC each; needs the token when one is set).")
+    async def readyz() -> dict:
+        return await gw.readyz()
+
+    @app.get("/v1/models", response_model=ModelList, description="OpenAI's model list: 'mome' (routed) and each expert.")
+    async def models():
+        return await gw.models()
+
+    @app.get("/v1/models/{name}", response_model=ModelCard)
+    async def model(name: str):
+        return await gw.model(name)
 
     @app.get("/v1/experts", response_model=ExpertsResponse)
     async def experts():
@@ -168,7 +181,7 @@ def http_app(gw, token: str, max_body_bytes: int) -> FastAPI:
     async def generate(body: GenerateRequest):
         return await gw.generate(body)
 
-    @app.post("/v1/completions", description="A compatible subset of OpenAI's completions API (one choice).")
+    @app.post("/v1/completions", description="A compatible subset of OpenAI's completions API (one choice per prompt).")
     async def completions(body: CompletionRequest):
         return await gw.completions(body)
 

@@ -4,22 +4,29 @@
     mome serve runs/small --port 8100 serve.teacher=false      # config overrides as in every mome command
     MOME_SERVE_TOKEN=secret mome serve runs/small --host 0.0.0.0   # other hosts: only with a token
     mome serve runs/small --deploy-config app.yaml && serve deploy app.yaml   # a cluster, hot-updatable
+    mome serve runs/small --deploy-config app.yaml --host 0.0.0.0 serve.token_file=/etc/mome/token
 
 `--deploy-config` writes a `serve deploy` config pinned to the run's current weights: each expert's
 user_config holds its artifact (the run's location + stage, fetched by each replica on its own node)
 and the weights' sha256. RUN_DIR may be a URI (`mome serve s3://bucket/runs/small`). Write and deploy it again after a re-distil:
 only the changed experts' user_config differs, so Serve swaps them in place (`Expert.reconfigure`).
+
+The bearer token never goes in a config: the ingress replicas read it in their own environment
+(serve.token_file, else $MOME_SERVE_TOKEN or the env var serve.token_env names). Off loopback, both commands
+refuse to start without one, and the app they deploy refuses to start where its replicas find none.
 """
 
 from __future__ import annotations
 
 import argparse
 import ipaddress
+import os
 import signal
 import sys
 import time
 from pathlib import Path
 
+from mome_ray.cli import parse_args
 from mome_ray.cluster import resolve_run_dir
 from mome_ray.errors import MomeError
 
@@ -33,6 +40,18 @@ def is_loopback(host: str) -> bool:
         return host == "localhost"
 
 
+def check_exposed(serve_cfg, host: str) -> bool:
+    """Whether `host` is off loopback; if so, refuse unless a token is found where this runs (the replicas read
+    it from their own environment, which a local cluster shares and a real one must provide)."""
+    if is_loopback(host):
+        return False
+    if not serve_cfg.token():
+        raise MomeError(f"refusing to serve on {host} without a bearer token: export ${serve_cfg.token_env} "
+                        f"(serve.token_env) or set serve.token_file=PATH, here and on the nodes that run the "
+                        f"ingress (the token never goes in a config), or keep the default host 127.0.0.1")
+    return True
+
+
 def deploy_config(run_dir: str, config: str | None, overrides: list[str], host: str | None = None,
                   port: int | None = None, models: dict[str, str] | None = None) -> dict:
     """A `serve deploy` config (a dict; YAML on disk) for the run, each expert's user_config pinned."""
@@ -41,8 +60,10 @@ def deploy_config(run_dir: str, config: str | None, overrides: list[str], host: 
     args = AppArgs(run_dir=resolve_run_dir(run_dir).location, config=str(Path(config).resolve()) if config else "",
                    overrides=list(overrides))
     serve_cfg, _, experts = resolve(args.model_copy(update={"models": models or {}}))
+    host = host or serve_cfg.host
+    args.require_token = check_exposed(serve_cfg, host)
     return {"proxy_location": "HeadOnly",
-            "http_options": {"host": host or serve_cfg.host, "port": port or serve_cfg.port},
+            "http_options": {"host": host, "port": port or serve_cfg.port},
             "applications": [{"name": APP, "route_prefix": "/", "import_path": "serve.app:build_app",
                               "args": args.model_dump(exclude={"models"}),
                               "deployments": [{"name": f"expert-{n}", "user_config": u} for n, u in experts.items()]}]}
@@ -61,17 +82,16 @@ def start(run_dir: str, config: str | None, overrides: list[str], host: str | No
     """Deploy the app (Serve's HTTP proxy on host:port); returns its base URL."""
     from ray import serve
 
-    from mome_ray.cluster import init_ray
+    from mome_ray.cluster import init_ray, signals_kept
     from mome_ray.settings import load_settings
     from serve.app import AppArgs, build_app
 
     cfg = load_settings(config, overrides)
     host, port = host or cfg.serve.host, port or cfg.serve.port
-    if not is_loopback(host) and not cfg.serve.token():
-        raise MomeError(f"refusing to serve on {host} without a token: set $MOME_SERVE_TOKEN or "
-                        f"serve.auth_token, or keep the default host 127.0.0.1")
-    app = build_app(AppArgs(run_dir=resolve_run_dir(run_dir).location, config=config or "", overrides=overrides))
-    init_ray(cfg.ray)
+    app = build_app(AppArgs(run_dir=resolve_run_dir(run_dir).location, config=config or "", overrides=overrides,
+                            require_token=check_exposed(cfg.serve, host)))
+    with signals_kept(signal.SIGTERM):  # ray.init puts Ray's C++ handler there (a stack trace, then abort)
+        init_ray(cfg.ray)
     serve.start(http_options={"host": host, "port": port})
     log(f"[serve] deploying {run_dir} (router + {cfg.serve.artifact} experts) on http://{host}:{port} ...")
     t0 = time.perf_counter()
@@ -87,21 +107,35 @@ def _interrupt(signum, frame):
 
 def serve_forever(run_dir: str, config: str | None, overrides: list[str], host: str | None = None,
                   port: int | None = None) -> None:
-    from ray import serve
-
-    url = start(run_dir, config, overrides, host, port)
     signal.signal(signal.SIGTERM, _interrupt)  # `ray job stop`, systemd, Kubernetes: the same clean shutdown
-    print(f"try: curl -s {url}/v1/generate -d '{{\"prompt\": \"def fib(n):\", \"max_new_tokens\": 32}}'\n"
-          f"Ctrl-C stops the app.", flush=True)
     try:
+        url = start(run_dir, config, overrides, host, port)
+        print(f"try: curl -s {url}/v1/generate -d '{{\"prompt\": \"def fib(n):\", \"max_new_tokens\": 32}}'\n"
+              f"Ctrl-C stops the app.", flush=True)
         while True:
             time.sleep(3600)
     except KeyboardInterrupt:
-        print("\n[serve] shutting down")
+        print("\n[serve] shutting down", flush=True)
     finally:
-        signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not break the shutdown
+        for sig in (signal.SIGINT, signal.SIGTERM):  # a second Ctrl-C or SIGTERM must not break the shutdown
+            signal.signal(sig, signal.SIG_IGN)
+        stop()
+
+
+def stop() -> None:
+    """Remove the app; on a cluster of our own also Serve and the cluster's processes (on a shared one, via
+    RAY_ADDRESS, other apps and Serve itself stay)."""
+    import ray
+    from ray import serve
+
+    if not ray.is_initialized():
+        return
+    if os.environ.get("RAY_ADDRESS"):
+        serve.delete(APP)
+    else:
         serve.shutdown()
-        print("[serve] stopped")
+    ray.shutdown()  # a local cluster's processes go with it, waited for
+    print("[serve] stopped", flush=True)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -120,7 +154,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """`mome serve ...` (the library's CLI hands this command over to the app layer)."""
-    args = _parser().parse_intermixed_args(argv)  # overrides may come before or after the options
+    args = parse_args(_parser(), sys.argv[1:] if argv is None else argv)  # options and overrides in any order
     try:
         if args.deploy_config:
             write_deploy_config(args.deploy_config, args.run_dir, args.config, args.overrides, args.host, args.port)

@@ -12,6 +12,7 @@ from the interpreter's stdlib: tests never touch the network or the fetched Debi
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import shutil
@@ -241,3 +242,85 @@ def copy_teacher_run(cfg, dest: Path) -> Path:
     copy_run(cfg.run_dir, dest)
     shutil.copytree(Path(cfg.run_dir) / "teacher", dest / "teacher")
     return dest
+
+
+# --- a servable run (tests/test_serve*.py)
+
+
+@contextlib.contextmanager
+def local_serve():
+    """Serve's local testing mode (`serve.run(app, _local_testing_mode=True)`) as a replica would run it; Ray
+    2.60's lacks two things: @serve.batch asks for a replica context (there is none) to print a warning, and
+    `reconfigure` is started but not waited for, so a request could reach an expert before its model loads."""
+    from ray.serve import batching
+    from ray.serve._private import replica
+
+    start = replica.UserCallableWrapper.call_reconfigure
+
+    def call_reconfigure(self, *args, **kwargs):
+        done = start(self, *args, **kwargs)  # a concurrent future in local testing mode
+        done.result()
+        return done
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(batching._BatchQueue, "_warn_if_max_batch_size_exceeds_max_ongoing_requests", lambda self: None)
+        mp.setattr(replica.UserCallableWrapper, "call_reconfigure", call_reconfigure)
+        yield
+
+
+def wait_until_ready(url: str, timeout: float = 240, headers: dict | None = None, proc=None) -> None:
+    """Poll `url`/readyz until it answers 200; fail at once, with its output, when `proc` (the server) exits."""
+    import time
+
+    import requests
+
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise AssertionError(f"the server exited {proc.returncode}:\n{proc.stdout.read()[-3000:]}")
+        try:
+            if requests.get(f"{url}/readyz", headers=headers, timeout=15).status_code == 200:
+                return
+        except requests.RequestException:
+            pass
+        time.sleep(1)
+    raise TimeoutError(f"the app was not ready at {url}/readyz within {timeout} s")
+
+
+SERVED_LANGS = ["en", "fr", "de", "py"]
+
+
+def save_lm(path: Path, tok, seed: int, n_layer: int = 1) -> Path:
+    import torch
+
+    from mome_ray.models import ModelConfig, build_gpt2
+
+    torch.manual_seed(seed)
+    model = build_gpt2(ModelConfig(n_layer=n_layer, n_embd=32, n_head=2, n_positions=64), len(tok),
+                       tok.eos_token_id, tok.pad_token_id)
+    model.save_pretrained(str(path))  # safetensors
+    return path
+
+
+@pytest.fixture(scope="session")
+def served_run(tiny_tokenized, corpus_dir, tmp_path_factory) -> Path:
+    """The tiny tokenizer + a router trained on the in-test corpus + small untrained GPT-2 experts (serving does
+    not care how well they were trained) + a teacher, with moe/ple.json as `mome moe` writes it."""
+    import json
+
+    from mome_ray import stages
+    from mome_ray.settings import load_settings
+    from mome_ray.tokenizer import load_tokenizer
+
+    run_dir = copy_run(tiny_tokenized.run_dir, tmp_path_factory.mktemp("served"))
+    cfg = load_settings(str(ROOT / "configs/tiny.yaml"), tiny_overrides(run_dir, corpus_dir))
+    stages.router(cfg, log=lambda *a: None)
+    tok = load_tokenizer(run_dir / "tokenizer")
+    for i, lang in enumerate(SERVED_LANGS):
+        save_lm(run_dir / "experts" / lang, tok, seed=i)
+    save_lm(run_dir / "teacher", tok, seed=10, n_layer=2)
+    save_lm(run_dir / "retrained-fr", tok, seed=99)  # a "new version" of the fr expert (hot update)
+    (run_dir / "moe").mkdir()
+    (run_dir / "moe" / "ple.json").write_text(json.dumps({"experts": {l: f"experts/{l}" for l in SERVED_LANGS},
+                                                          "router": "router"}))
+    return run_dir

@@ -1,10 +1,13 @@
-"""CLI: help lists every stage; user mistakes exit 2 with one clear line, no traceback."""
+"""CLI: help lists every stage; options and overrides in any order; user mistakes exit 2 with one clear line."""
 
+import argparse
 import subprocess
 import sys
 from pathlib import Path
 
-from mome_ray.cli import main
+import pytest
+
+from mome_ray.cli import _parser, main, parse_args
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -50,13 +53,39 @@ def test_bad_kd_loss_exits_2(capsys):
     assert "distill.kd_loss 'kl' is not one of" in capsys.readouterr().err
 
 
-def test_serve_is_the_app_layers_command_with_options_anywhere(tmp_path):
-    from serve.launch import _parser
+def commands(parser: argparse.ArgumentParser, path: tuple = ()):
+    """(words, parser) of every command the parser ends in (`corpus fetch`, `teacher`, ...)."""
+    subs = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    if not subs:
+        yield path, parser
+    for sub in subs:
+        for name, child in sub.choices.items():
+            yield from commands(child, (*path, name))
 
-    # `mome serve` hands over to serve/launch.py (the library never imports the app); overrides may come
-    # before or after the options, as in every other mome command.
-    args = _parser().parse_intermixed_args(["runs/x", "serve.teacher=false", "--port", "8100", "serve.x=1"])
-    assert args.port == 8100 and args.overrides == ["serve.teacher=false", "serve.x=1"]
+
+def test_every_command_takes_options_and_overrides_in_any_order():
+    from serve.launch import _parser as serve_parser
+
+    tried = 0
+    for words, parser in [*commands(_parser()), (("serve", "runs/x"), serve_parser())]:
+        if not any(a.dest == "overrides" for a in parser._actions):
+            continue  # `report RUN_DIR` takes none: an override there is an error (below)
+        options = [(a.option_strings[0], "v" if a.nargs is None else None) for a in parser._actions
+                   if a.option_strings and a.dest not in ("help", "config")
+                   and (a.required or a.nargs == 0 or a.type is int)]
+        tail = [x for opt, value in options for x in ([opt] if value is None else [opt, "1"])]
+        argv = [*words, "a.b=1", "--config", "c.yaml", "c.d=2", *tail, "e.f=3"]
+        args = parse_args(_parser() if words[0] != "serve" else serve_parser(), argv[words[0] == "serve":])
+        assert args.config == "c.yaml" and args.overrides == ["a.b=1", "c.d=2", "e.f=3"], argv
+        tried += 1
+    assert tried >= 13  # every stage, both corpus actions, both sweeps and serve
+    for argv in (["report", "runs/x", "a.b=1"], ["teacher", "--config", "c.yaml", "--frsh"]):
+        with pytest.raises(SystemExit):
+            parse_args(_parser(), argv)
+
+
+def test_serve_is_the_app_layers_command(tmp_path):
+    # `mome serve` hands over to serve/launch.py (the library never imports the app), options anywhere
     out = subprocess.run([sys.executable, "-m", "mome_ray.cli", "serve", str(tmp_path / "none"), "--port", "8100",
                           "serve.teacher=false"], capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert out.returncode == 2 and "no MoE artifact" in out.stderr and "Traceback" not in out.stderr

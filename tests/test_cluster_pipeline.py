@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from tests.conftest import write_corpus
+from tests.conftest import wait_until_ready, write_corpus
 
 ROOT = Path(__file__).resolve().parents[1]
 RUN = "runs/pipeline"
@@ -121,17 +121,7 @@ def test_serve_from_s3_answers_from_the_second_node(two_node_cluster, pipeline_r
                             stderr=subprocess.STDOUT, text=True, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.time() + 240
-        while time.time() < deadline:
-            assert proc.poll() is None, proc.stdout.read()[-3000:]
-            try:
-                if requests.get(f"{url}/healthz", timeout=5).status_code == 200:
-                    break
-            except requests.RequestException:
-                pass
-            time.sleep(1)
-        else:
-            raise AssertionError("mome serve did not become ready in 240 s")
+        wait_until_ready(url, proc=proc)
         text = "Der Fluss fließt durch die alte Stadt und der Markt ist auf dem linken Ufer"
         route = requests.post(f"{url}/v1/route", json={"prompt": text}, timeout=30).json()
         assert route["results"][0]["language"] == "de", route

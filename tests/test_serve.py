@@ -1,9 +1,6 @@
 """Serving: the served LM's batching invariants, the app logic in Serve's local testing mode, and one real
-HTTP session on loopback (every endpoint, every validation error, streaming, auth, a hot update).
-
-The served run is the tiny tokenizer + a router trained on the in-test corpus + small untrained GPT-2
-experts (serving does not care how well they were trained) + a teacher, with moe/ple.json as `mome moe`
-writes it.
+HTTP session on loopback (every endpoint, every validation error, streaming, auth, a hot update, the official
+`openai` client). The served run is tests/conftest.py's `served_run`.
 """
 
 from __future__ import annotations
@@ -12,21 +9,16 @@ import json
 import shutil
 import threading
 import time
-from pathlib import Path
 
 import pytest
 import requests
 import torch
 
-from mome_ray import stages
 from mome_ray.errors import MomeError
-from mome_ray.models import ModelConfig, build_gpt2
 from mome_ray.serving import GenRequest, ServedLM, load_spec
-from mome_ray.settings import load_settings
-from mome_ray.tokenizer import load_tokenizer
-from tests.conftest import ROOT, _free_port, copy_run, tiny_overrides
+from tests.conftest import ROOT, SERVED_LANGS, _free_port, local_serve, wait_until_ready
 
-LANGS = ["en", "fr", "de", "py"]
+LANGS = SERVED_LANGS
 TOKEN = "test-token"
 PROMPTS = {"en": "The river runs through the old town", "fr": "La rivière traverse la vieille ville",
            "de": "Der Fluss fließt durch die alte Stadt", "py": "def f(x):\n    return x + 1\n"}
@@ -37,30 +29,6 @@ class Client(requests.Session):
 
     def request(self, *args, timeout=60, **kwargs):
         return super().request(*args, timeout=timeout, **kwargs)
-
-
-def save_lm(path: Path, tok, seed: int, n_layer: int = 1) -> Path:
-    torch.manual_seed(seed)
-    model = build_gpt2(ModelConfig(n_layer=n_layer, n_embd=32, n_head=2, n_positions=64), len(tok),
-                       tok.eos_token_id, tok.pad_token_id)
-    model.save_pretrained(str(path))  # safetensors
-    return path
-
-
-@pytest.fixture(scope="module")
-def served_run(tiny_tokenized, corpus_dir, tmp_path_factory) -> Path:
-    run_dir = copy_run(tiny_tokenized.run_dir, tmp_path_factory.mktemp("served"))
-    cfg = load_settings(str(ROOT / "configs/tiny.yaml"), tiny_overrides(run_dir, corpus_dir))
-    stages.router(cfg, log=lambda *a: None)
-    tok = load_tokenizer(run_dir / "tokenizer")
-    for i, lang in enumerate(LANGS):
-        save_lm(run_dir / "experts" / lang, tok, seed=i)
-    save_lm(run_dir / "teacher", tok, seed=10, n_layer=2)
-    save_lm(run_dir / "retrained-fr", tok, seed=99)  # a "new version" of the fr expert (hot update)
-    (run_dir / "moe").mkdir()
-    (run_dir / "moe" / "ple.json").write_text(json.dumps({"experts": {l: f"experts/{l}" for l in LANGS},
-                                                          "router": "router"}))
-    return run_dir
 
 
 # --- the served LM: batching must not change any answer
@@ -124,9 +92,10 @@ def test_request_models_and_error_messages():
     with pytest.raises(ValidationError) as e:
         ScoreRequest(prompt="x", top_k=0)
     assert describe_validation(e.value.errors()) == "top_k: Input should be greater than or equal to 1 (got 0)"
-    with pytest.raises(ValidationError, match="exactly one"):
-        CompletionRequest(prompt=["a", "b"])
-    assert CompletionRequest(prompt=["hi"], logprobs=3, user="u").text == "hi"  # OpenAI extras are ignored
+    for bad, message in (([], "at least one text"), (["a", ""], "must not be empty"), ([1], "valid string")):
+        with pytest.raises(ValidationError, match=message):
+            CompletionRequest(prompt=bad)
+    assert CompletionRequest(prompt=["hi", "yo"], logprobs=3, user="u").texts == ["hi", "yo"]  # OpenAI extras ignored
 
 
 # --- the app logic, in-process (Serve's local testing mode: no cluster, no HTTP)
@@ -135,15 +104,11 @@ def test_request_models_and_error_messages():
 @pytest.fixture(scope="module")
 def local_app(served_run):
     from ray import serve
-    from ray.serve import batching
 
-    # Ray 2.60's local testing mode has no replica context, which @serve.batch asks for to print a warning.
-    original = batching._BatchQueue._warn_if_max_batch_size_exceeds_max_ongoing_requests
-    batching._BatchQueue._warn_if_max_batch_size_exceeds_max_ongoing_requests = lambda self: None
     from serve.app import AppArgs, build_app
 
-    yield serve.run(build_app(AppArgs(run_dir=str(served_run))), _local_testing_mode=True)
-    batching._BatchQueue._warn_if_max_batch_size_exceeds_max_ongoing_requests = original
+    with local_serve():
+        yield serve.run(build_app(AppArgs(run_dir=str(served_run))), _local_testing_mode=True)
 
 
 def test_local_app_routes_scores_mixes_and_generates(local_app):
@@ -173,39 +138,32 @@ def test_local_app_routes_scores_mixes_and_generates(local_app):
     assert e.value.status_code == 422 and "no expert 'klingon'" in e.value.detail
     experts = local_app.experts.remote().result().experts
     assert [(x.name, x.kind) for x in experts] == [(l, "language") for l in LANGS] + [("teacher", "teacher")]
+    models = local_app.models.remote().result().data
+    assert [(m.id, m.kind) for m in models] == [("mome", "moe")] + [(x.name, x.kind) for x in experts]
 
 
 # --- one real HTTP session on loopback
 
 
-def wait_until_serving(url: str, timeout: float = 240) -> None:
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        try:
-            if requests.get(f"{url}/healthz", timeout=5).status_code == 200:
-                return
-        except requests.RequestException:
-            pass
-        time.sleep(1)
-    raise TimeoutError(f"the app did not answer at {url}/healthz within {timeout} s")
-
-
 @pytest.fixture(scope="module")
-def http_app(ray_head, served_run):
-    """The app deployed the way `serve deploy` does (declarative, through the dashboard's REST API)."""
+def http_app(ray_head, served_run, tmp_path_factory):
+    """The app deployed the way `serve deploy` does (declarative, through the dashboard's REST API), its token
+    in a file the replicas read (the deploy config names the file, never the token)."""
     from ray import serve
 
     from serve.launch import deploy_config
 
     port = _free_port()
-    overrides = [f"serve.auth_token={TOKEN}", "serve.limits.max_new_tokens=32", "serve.limits.max_body_bytes=20000"]
+    token_file = tmp_path_factory.mktemp("secret") / "token"
+    token_file.write_text(TOKEN + "\n")
+    overrides = [f"serve.token_file={token_file}", "serve.limits.max_new_tokens=32", "serve.limits.max_body_bytes=20000"]
     # Serve's REST API (what `serve deploy` calls): PUT the whole declarative config.
     deploy = lambda models=None: requests.put(
         f"{ray_head['dashboard']}/api/serve/applications/", timeout=60,
         json=deploy_config(str(served_run), None, overrides, "127.0.0.1", port, models)).raise_for_status()
     deploy()
     url = f"http://127.0.0.1:{port}"
-    wait_until_serving(url)
+    wait_until_ready(url, headers={"Authorization": f"Bearer {TOKEN}"})
     session = Client()
     session.headers["Authorization"] = f"Bearer {TOKEN}"
     try:
@@ -223,7 +181,9 @@ def sse_events(response) -> list:
 
 def test_http_every_endpoint(http_app):
     url, s, _ = http_app
-    assert requests.get(f"{url}/healthz", timeout=30).json()["status"] == "ok"  # open: no token needed
+    assert requests.get(f"{url}/healthz", timeout=30).json() == {"status": "ok"}  # liveness: no RPC, no token
+    assert requests.get(f"{url}/readyz", timeout=30).status_code == 401  # one RPC per expert: behind the token
+    assert s.get(f"{url}/readyz").json() == {"status": "ready", "experts": LANGS + ["teacher"]}
     assert "/v1/generate" in requests.get(f"{url}/openapi.json", timeout=30).json()["paths"]
     assert requests.get(f"{url}/docs", timeout=30).status_code == 200
     experts = s.get(f"{url}/v1/experts").json()
@@ -272,6 +232,12 @@ def test_http_every_endpoint(http_app):
     ("/v1/route", {"prompt": []}, 422, "give 1 to 64 texts"),
     ("/v1/completions", {"prompt": "x", "n": 3}, 422, "n: Input should be less than or equal to 1"),
     ("/v1/completions", {"prompt": "x", "model": "gpt-5"}, 422, "no expert 'gpt-5'"),
+    ("/v1/completions", {"prompt": []}, 422, "prompt: give at least one text"),
+    ("/v1/completions", {"prompt": ["a", ""]}, 422, "prompt: must not be empty"),
+    ("/v1/completions", {"prompt": ["a"] * 65}, 422, "give 1 to 64 texts"),
+    ("/v1/completions", {"prompt": "x", "max_tokens": 33}, 422, "max_tokens: 33 is over the limit of 32"),
+    ("/v1/completions", {"prompt": [[1, 2]]}, 422, "prompt.list[str].0: Input should be a valid string"),
+    ("/v1/completions", {"prompt": ["x", "word " * 60], "max_tokens": 32}, 422, "does not fit the context"),
     ("/v1/nothing", {"prompt": "x"}, 404, "Not Found"),
 ])
 def test_http_client_mistakes_are_4xx_with_a_message(http_app, path, body, status, message):
@@ -288,6 +254,49 @@ def test_http_needs_the_token(http_app):
     for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": TOKEN}):
         r = requests.post(f"{url}/v1/route", json={"prompt": "x"}, headers=headers, timeout=30)
         assert r.status_code == 401 and "bearer token" in r.json()["error"]["message"]
+
+
+def test_the_official_openai_client(http_app):
+    import openai
+
+    url, _, _ = http_app
+    client = openai.OpenAI(base_url=f"{url}/v1", api_key=TOKEN, max_retries=0, timeout=60)
+    models = client.models.list().data
+    assert [m.id for m in models] == ["mome"] + LANGS + ["teacher"] and models[0].variant == "ple"
+    assert client.models.retrieve("fr").kind == "language"
+    complete = lambda prompt, **kw: client.completions.create(prompt=prompt, max_tokens=5, seed=3, **kw)
+
+    routed = complete(PROMPTS["de"], model="mome")
+    (c,) = routed.choices
+    assert c.index == 0 and c.finish_reason in ("stop", "length") and routed.model == "mome"
+    u = routed.usage
+    assert u.prompt_tokens > 5 and 1 <= u.completion_tokens <= 5 and u.total_tokens == u.prompt_tokens + u.completion_tokens
+    greedy = {"prompt": PROMPTS["en"], "max_new_tokens": 5, "temperature": 0, "expert": "fr"}
+    forced = complete(PROMPTS["en"], model="fr", temperature=0)  # a forced expert: its name as the model
+    assert forced.choices[0].text == http_app[1].post(f"{url}/v1/generate", json=greedy).json()["text"]
+
+    prompts = list(PROMPTS.values())
+    alone = [complete(p, model="mome") for p in prompts]
+    batch = complete(prompts, model="mome")  # one choice per prompt, each as if it came alone (same seed)
+    assert [(c.index, c.text) for c in batch.choices] == [(i, a.choices[0].text) for i, a in enumerate(alone)]
+    assert batch.usage.prompt_tokens == sum(a.usage.prompt_tokens for a in alone)
+    assert batch.usage.completion_tokens == sum(a.usage.completion_tokens for a in alone)
+
+    chunks = list(complete(prompts[:2], model="mome", stream=True, stream_options={"include_usage": True}))
+    texts, finished = ["", ""], [None, None]
+    for chunk in chunks[:-1]:
+        (c,) = chunk.choices
+        texts[c.index] += c.text
+        finished[c.index] = c.finish_reason or finished[c.index]
+    assert texts == [a.choices[0].text for a in alone[:2]] and None not in finished
+    assert chunks[-1].choices == [] and chunks[-1].usage.total_tokens == sum(a.usage.total_tokens for a in alone[:2])
+
+    with pytest.raises(openai.UnprocessableEntityError, match="no expert 'klingon'"):
+        complete("x", model="klingon")
+    with pytest.raises(openai.NotFoundError, match="no model 'gpt-5'"):
+        client.models.retrieve("gpt-5")
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(base_url=f"{url}/v1", api_key="wrong", max_retries=0).models.list()
 
 
 def test_hot_update_swaps_one_expert_in_place_without_dropping_requests(http_app, served_run):

@@ -1,0 +1,146 @@
+"""Serving operations: where the bearer token comes from, models loading once per replica, and `mome serve`
+stopping cleanly on SIGTERM (what `ray job stop`, systemd and Kubernetes send). The served run is
+tests/conftest.py's `served_run`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from mome_ray.errors import MomeError
+from mome_ray.serving import ServedLM, file_version, read_token
+from tests.conftest import ROOT, _free_port, local_serve, wait_until_ready
+
+SECRET = "s3cret-never-in-a-config"
+
+
+def test_the_token_comes_from_a_file_or_the_env_var_it_names(tmp_path, monkeypatch):
+    monkeypatch.setenv("MY_TOKEN", "from-env")
+    assert read_token("MY_TOKEN", "") == "from-env" and read_token("", "") == ""
+    (tmp_path / "token").write_text("from-file\n")
+    assert read_token("MY_TOKEN", str(tmp_path / "token")) == "from-file"  # a file named wins
+    with pytest.raises(MomeError, match="cannot be read here"):
+        read_token("MY_TOKEN", str(tmp_path / "missing"))
+    (tmp_path / "empty").write_text("\n")
+    with pytest.raises(MomeError, match="is empty"):
+        read_token("", str(tmp_path / "empty"))
+
+
+def test_deploy_config_refuses_an_open_host_without_a_token_and_never_writes_it(served_run, tmp_path, monkeypatch):
+    from serve.launch import deploy_config
+
+    monkeypatch.delenv("MOME_SERVE_TOKEN", raising=False)
+    with pytest.raises(MomeError, match="refusing to serve on 0.0.0.0 without a bearer token"):
+        deploy_config(str(served_run), None, [], "0.0.0.0", 8000)
+    assert deploy_config(str(served_run), None, [], "127.0.0.1")["applications"][0]["args"]["require_token"] is False
+
+    monkeypatch.setenv("MOME_SERVE_TOKEN", SECRET)
+    from_env = deploy_config(str(served_run), None, [], "0.0.0.0", 8000)
+    (tmp_path / "token").write_text(SECRET)
+    monkeypatch.delenv("MOME_SERVE_TOKEN")
+    from_file = deploy_config(str(served_run), None, [f"serve.token_file={tmp_path / 'token'}"], "0.0.0.0", 8000)
+    for config in (from_env, from_file):
+        assert SECRET not in yaml.safe_dump(config) and config["applications"][0]["args"]["require_token"] is True
+    assert from_file["applications"][0]["args"]["overrides"] == [f"serve.token_file={tmp_path / 'token'}"]
+
+
+def test_an_ingress_that_must_have_a_token_refuses_to_start_without_one(served_run, monkeypatch):
+    from ray import serve
+
+    from serve.app import AppArgs, build_app
+
+    monkeypatch.setenv("MOME_SERVE_TOKEN", "")
+    app = build_app(AppArgs(run_dir=str(served_run), overrides=["serve.teacher=false"], require_token=True))
+    with local_serve(), pytest.raises(Exception, match="not on loopback and this ingress replica has no bearer token"):
+        serve.run(app, _local_testing_mode=True)
+
+
+def test_an_expert_loads_its_model_once_in_reconfigure_and_checks_its_health(served_run, monkeypatch):
+    import serve.app as app
+
+    loads = []
+    monkeypatch.setattr(app, "ServedLM", lambda d, device: loads.append(Path(d).name) or ServedLM(d, device))
+    _, _, experts = app.resolve(app.AppArgs(run_dir=str(served_run)))
+    new = {**experts["fr"], "stage": "retrained-fr",
+           "version": file_version(served_run / "retrained-fr" / "model.safetensors")}
+    with local_serve():  # @serve.batch asks for a replica context: none here either
+        expert = app.Expert.func_or_class("fr", 1)  # what Serve does: __init__, then reconfigure(user_config)
+        assert loads == []
+        with pytest.raises(RuntimeError, match="no model loaded"):
+            asyncio.run(expert.check_health())
+        expert.reconfigure(experts["fr"])
+        expert.reconfigure(experts["fr"])  # the same version again: nothing to load
+        assert loads == ["fr"]
+        asyncio.run(expert.check_health())
+        expert.reconfigure(new)  # a hot update: the new version, once
+    assert loads == ["fr", "retrained-fr"] and expert.lm.version == new["version"]
+
+
+# --- SIGTERM
+
+
+def process_tree(root: int) -> dict[int, str]:
+    """`root` and every process below it: pid -> its start time (a pid reused later has another)."""
+    parent, started = {}, {}
+    for proc in Path("/proc").iterdir():
+        try:
+            fields = (proc / "stat").read_text().rsplit(")", 1)[1].split()
+            parent[int(proc.name)], started[int(proc.name)] = int(fields[1]), fields[19]
+        except (ValueError, OSError):
+            continue
+    tree = {root}
+    while more := {p for p, pp in parent.items() if pp in tree} - tree:
+        tree |= more
+    return {p: started[p] for p in tree if p in started}
+
+
+def still_running(procs: dict[int, str]) -> dict[int, str]:
+    """Those of `procs` still running (not exited, not a zombie): pid -> command line."""
+    left = {}
+    for pid, start in procs.items():
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            if fields[19] == start and fields[0] != "Z":
+                left[pid] = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()[:120]
+        except OSError:
+            continue
+    return left
+
+
+@pytest.mark.ray  # its own local Ray cluster and Serve app: as heavy as the session's
+@pytest.mark.timeout(400)
+def test_mome_serve_stops_on_sigterm_with_exit_0_and_leaves_no_process(served_run):
+    port, temp = _free_port(), tempfile.mkdtemp(prefix="mt", dir="/tmp")  # short: Ray's socket paths
+    env = {**{k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}, "RAY_TMPDIR": temp,
+           "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}  # a local cluster of its own
+    proc = subprocess.Popen([str(Path(sys.executable).parent / "mome"), "serve", str(served_run), "--port", str(port),
+                             "serve.teacher=false"], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    ours: dict[int, str] = {}
+    try:
+        wait_until_ready(f"http://127.0.0.1:{port}", 300, proc=proc)
+        ours = process_tree(proc.pid)
+        assert any("raylet" in cmd for cmd in still_running(ours).values())  # it started its own cluster
+        proc.send_signal(signal.SIGTERM)
+        out = proc.communicate(timeout=120)[0]
+        assert proc.returncode == 0 and "[serve] stopped" in out, out[-3000:]
+        deadline = time.time() + 30
+        while still_running(ours) and time.time() < deadline:
+            time.sleep(0.5)
+        assert not still_running(ours), still_running(ours)
+    finally:
+        for pid in still_running(ours):  # a failed test leaves nothing running either
+            os.kill(pid, signal.SIGKILL)
+        if proc.poll() is None:
+            proc.kill()
+        subprocess.run(["rm", "-rf", temp])
