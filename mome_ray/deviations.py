@@ -102,7 +102,7 @@ def _kd_rows(cfg) -> list[Deviation]:
                   "constant) and calls it \"inverse KL\"",
                   f"students: {_loss(d)}; JEET / MoE-CE: {_loss(m)} (each divergence named for what it computes)",
                   "distill.kd_loss, moe.kd_loss (+ jsd_beta, skew)"),
-        Deviation("KD temperature", "none stated (τ = 1)", f"students τ = {d.temperature:g}; JEET / MoE-CE τ = "
+        Deviation("KD temperature", "none recorded (τ = 1)", f"students τ = {d.temperature:g}; JEET / MoE-CE τ = "
                   f"{m.temperature:g}", "distill.temperature, moe.temperature"),
         Deviation("α strategy", "the code: adaptive (\"differential weights\") from α = 0.5, β = 1 − α; the paper "
                   "also compares fixed and alternating", f"students: {_alpha(d.alpha)}; JEET / MoE-CE: {_alpha(m.alpha)}",
@@ -156,7 +156,7 @@ def _eval_rows(cfg) -> list[Deviation]:
         Deviation("evaluation split", "per-language loss and perplexity; the split and sample are not pinned down",
                   f"the {e.split} split, {blocks} per language, the same blocks for every model; selection on "
                   "validation", "eval.split, eval.max_blocks"),
-        Deviation("evaluation intervals", "point estimates",
+        Deviation("evaluation intervals", "none recorded: point estimates",
                   f"95 % bootstrap intervals by document ({e.bootstrap} resamples); a difference inside them is "
                   "\"no difference\"", "eval.bootstrap"),
         Deviation("forgetting study", "sequential training forgets; the code has no sequential script (order and "
