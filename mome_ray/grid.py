@@ -8,8 +8,8 @@ A row answers every language with a model: `modules(lang)` returns something cal
 (`module(input_ids=ids).logits`). For an MoE that is `moe.Routed` under one option of the paper's
 grid (router top-1 ± common, each expert forced ± common, common alone, uniform average ± common: the mean
 of the experts' distributions and, where they share the head (JEET, MoE-CE), of their last hidden states;
-each natural language's expert paired with each code language's) plus top-k mixing (beyond the paper). Per language: loss, perplexity with its 95 % bootstrap interval by document
-(`evaluation.py`) and the seconds the evaluation took; per row: active parameters (what one sequence runs
+each natural language's expert paired with each code language's) plus top-k mixing (beyond the paper).
+Per language: loss, perplexity with its 95 % bootstrap interval by document (`evaluation.py`) and the seconds the evaluation took; per row: active parameters (what one sequence runs
 through) and total parameters.
 
 Routing: `route_for(run_dir, names, tokenizer_dir)` uses the router artifact (RUN_DIR/router) when there is

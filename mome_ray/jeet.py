@@ -8,8 +8,8 @@ paper's public code has them: a position embedding per expert (`expert_wpe`), a 
 (`expert_ln_f`), and a head of its own with a bias, untied from the token embedding (`untied_head`; still
 one head, shared by every expert). All off by default.
 
-MoE-CE: JEET plus a `common` stack that runs for every sequence. Its last hidden state (after the shared
-final LayerNorm, like `GPT2Model.last_hidden_state`) is averaged with the selected stack's before the
+MoE-CE: JEET plus a `common` stack that runs for every sequence. Its last hidden state (after the final
+LayerNorm, like `GPT2Model.last_hidden_state`) is averaged with the selected stack's before the
 head: the paper's plain mean, or with `gate=True` a learned scalar per expert,
 h = (1 − σ(g_e))·h_common + σ(g_e)·h_e, that starts at the plain mean (g_e = 0).
 
@@ -94,6 +94,8 @@ class JEETModel(nn.Module):
     A part an expert owns (`cfg.parts`) is an `nn.ModuleDict` by member name (`wpe.fr.weight`); a shared one
     is the module itself (`wpe.weight`), as in GPT-2. The untied head is `lm_head` (weight and bias)."""
 
+    shares_head = True  # every expert's last hidden state goes through one head: hidden states can be averaged
+
     def __init__(self, cfg: JEETConfig):
         super().__init__()
         self.cfg = cfg
@@ -139,8 +141,6 @@ class JEETModel(nn.Module):
     @property
     def vocab_size(self) -> int:
         return self.cfg.vocab_size
-
-    shares_head = True  # every expert's last hidden state goes through one head: hidden states can be averaged
 
     def logits(self, name: str, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
                with_common: bool) -> torch.Tensor:

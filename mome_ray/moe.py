@@ -13,8 +13,8 @@ per sequence: a router maps (B, T) ids (+ attention mask) to a `Routing` — one
 How a batch runs:
 - hard top-1 (default): sequences are grouped by expert, each expert runs once on its group, and the
   logits are scattered back into batch order.
-- `mode="topk"` (beyond the paper): the k most probable experts' next-token *distributions* are mixed
-  with the renormalised router probabilities; the logits returned are the log of the mixture.
+- `mode="topk"` (beyond the paper): the k most probable experts are mixed (see `mix`) with the renormalised
+  router probabilities; mixing distributions returns the log of the mixture as logits.
 - `force="fr"` runs one named expert on every sequence; `force=["en", "py"]` mixes the named experts
   with equal weights.
 - How experts are mixed (`mix`): `"probs"` (default) mixes their next-token *distributions*; `"hidden"`
@@ -176,7 +176,7 @@ def load_ple(dirs: dict[str, Path]) -> PLEExperts:
 
 @dataclass
 class MoEOutput:
-    logits: torch.Tensor  # (B, T, V); log-probabilities when experts were mixed
+    logits: torch.Tensor  # (B, T, V); log-probabilities when experts' distributions were mixed
     loss: torch.Tensor | None  # next-token cross-entropy when labels were given (−100 = ignore)
     experts: list[tuple[str, ...]]  # per sequence, the experts that ran (the common one included)
 
