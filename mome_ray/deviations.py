@@ -25,7 +25,7 @@ class Deviation(NamedTuple):
 
 
 def _size(m) -> str:
-    return f"{m.n_layer} layers × {m.n_embd}, {m.n_head} heads, context {m.n_positions}"
+    return f"{m.n_layer} layer{'s' * (m.n_layer != 1)} × {m.n_embd}, {m.n_head} heads, context {m.n_positions}"
 
 
 def _loss(recipe) -> str:
