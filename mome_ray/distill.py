@@ -22,7 +22,7 @@ from mome_ray.alpha import AlphaConfig, AlphaSchedule
 from mome_ray.config import from_dict
 from mome_ray.data import BalancedBatches, eval_blocks, load_blocks
 from mome_ray.errors import MomeError
-from mome_ray.kd import KDRecipe, check_teacher, frozen_teacher, kd_train
+from mome_ray.kd import LOSS_PARAMS, KDRecipe, check_teacher, frozen_teacher, kd_train
 from mome_ray.models import ModelConfig, build_gpt2, load_lm, n_params
 from mome_ray.storage import RunStore
 from mome_ray.tokenizer import load_tokenizer
@@ -136,8 +136,9 @@ def student_config(cfg: DistillConfig, student: Student, run_langs: list[str], s
     from mome_ray.config import to_dict
 
     d = to_dict(cfg)
-    for key in ("langs", "baselines", "equal_tokens", "max_parallel", "sweep") + (() if student.kd else ("alpha", "kd_loss",
-                                                                                          "temperature")):
+    kd_keys = ("alpha", "kd_loss", "temperature", *(key for key, _ in LOSS_PARAMS.values()))
+    for key in {"langs", "baselines", "equal_tokens", "max_parallel", "sweep", *cfg.unused_keys(),
+                *(() if student.kd else kd_keys)}:
         d.pop(key)
     return {"langs": run_langs, "seed": seed, "distill": d, "student": vars(student)}
 

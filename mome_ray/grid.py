@@ -6,9 +6,10 @@
 
 A row answers every language with a model: `modules(lang)` returns something called like an HF causal LM
 (`module(input_ids=ids).logits`). For an MoE that is `moe.Routed` under one option of the paper's
-grid (router top-1 ± common, each expert forced ± common, common alone, uniform average ± common) plus
-top-k mixing (beyond the paper). Per language: loss, perplexity with its 95 % bootstrap interval by document
-(`evaluation.py`) and the seconds the evaluation took; per row: active parameters (what one sequence runs
+grid (router top-1 ± common, each expert forced ± common, common alone, uniform average ± common: the mean
+of the experts' distributions and, where they share the head (JEET, MoE-CE), of their last hidden states;
+each natural language's expert paired with each code language's) plus top-k mixing (beyond the paper).
+Per language: loss, perplexity with its 95 % bootstrap interval by document (`evaluation.py`) and the seconds the evaluation took; per row: active parameters (what one sequence runs
 through) and total parameters.
 
 Routing: `route_for(run_dir, names, tokenizer_dir)` uses the router artifact (RUN_DIR/router) when there is
@@ -18,7 +19,7 @@ one, else an oracle that routes every evaluation block to its true language; the
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,6 +28,9 @@ from torch import nn
 
 from mome_ray.moe import MoE, Routed, Router, Routing, text_router
 from mome_ray.training import process_device
+
+
+MEANS = {"probs": "distribution mean", "hidden": "hidden mean"}  # how a row's label names its `mix`
 
 
 @dataclass
@@ -59,8 +63,13 @@ def route_for(run_dir: Path, names: list[str], tokenizer_dir: Path) -> tuple[str
     return "oracle", lambda lang: oracle_router(names.index(lang), len(names))
 
 
-def moe_rows(model: str, moe: MoE, route: Callable[[str], Router], routing: str, top_k: int) -> list[GridRow]:
-    """The paper's grid for one MoE (+ top-k mixing); ± common only where the MoE combines a common stack."""
+def moe_rows(model: str, moe: MoE, route: Callable[[str], Router], routing: str, top_k: int,
+             code_langs: Sequence[str] = ()) -> list[GridRow]:
+    """The paper's grid for one MoE (+ top-k mixing); ± common only where the MoE combines a common stack.
+
+    Averages are labelled by what is averaged: "distribution mean" (any MoE) or "hidden mean" (experts sharing
+    the head). With `code_langs`, each other expert X gets the pair row "expert X + <code>", in the MoE's
+    default common setting: a hidden mean where the head is shared, else a distribution mean (PLE)."""
     moe.eval()
     total = moe.total_params()
     rows: list[GridRow] = []
@@ -75,10 +84,17 @@ def moe_rows(model: str, moe: MoE, route: Callable[[str], Router], routing: str,
         add(f"{routing} top-1{plus}", True, common=common)
         for name in moe.names:
             add(f"expert {name} forced{plus}", False, force=name, common=common)
-        add(f"uniform average{plus}", False, force=moe.names, common=common)
+        add(f"uniform average (distribution mean){plus}", False, force=moe.names, common=common)
+        if moe.experts.shares_head:
+            add(f"uniform average (hidden mean){plus}", False, force=moe.names, common=common, mix="hidden")
         add(f"{routing} top-{top_k} mix{plus}", True, mode="topk", k=min(top_k, len(moe.names)), common=common)
     if moe.experts.has_common:
         add("common alone", False, force="common")
+    mix = "hidden" if moe.experts.shares_head else "probs"
+    plus = " + common" if moe.experts.combines_common else ""
+    for code in [c for c in code_langs if c in moe.names]:
+        for name in [n for n in moe.names if n not in code_langs]:
+            add(f"expert {name} + {code} ({MEANS[mix]}){plus}", False, force=[name, code], mix=mix)
     return rows
 
 
@@ -128,9 +144,10 @@ def grid_markdown_frame(df):
     return out
 
 
-def run_grid(run_dir: Path, langs: list[str], cfg, eval_cfg, block_size: int, log=print) -> tuple:
+def run_grid(run_dir: Path, langs: list[str], cfg, eval_cfg, block_size: int, code_langs: Sequence[str] = (),
+             log=print) -> tuple:
     """The whole grid of a run: PLE (RUN_DIR/experts/<lang>), JEET and MoE-CE (RUN_DIR/moe/), baselines, on the
-    test split (`eval_cfg`: `evaluation.EvalConfig`).
+    test split (`eval_cfg`: `evaluation.EvalConfig`); the language + code pair rows for `code_langs`.
 
     `cfg` is the run's `MoEConfig`. Returns (DataFrame, {row: {lang: DocLosses}}, "router" | "oracle").
     """
@@ -146,9 +163,9 @@ def run_grid(run_dir: Path, langs: list[str], cfg, eval_cfg, block_size: int, lo
         rows += baseline_rows({"multilingual student": {l: experts / "multilingual" for l in langs}}, tok_dir)
     if all((experts / f"nokd-{l}" / "config.json").is_file() for l in langs):
         rows += baseline_rows({"no-KD students": {l: experts / f"nokd-{l}" for l in langs}}, tok_dir)
-    rows += moe_rows("PLE", MoE(load_ple({l: experts / l for l in langs})), route, routing, cfg.top_k)
+    rows += moe_rows("PLE", MoE(load_ple({l: experts / l for l in langs})), route, routing, cfg.top_k, code_langs)
     for label, name in (("JEET", "jeet"), ("MoE-CE", "moe-ce")):
-        rows += moe_rows(label, MoE(JEETModel.load(run_dir / "moe" / name)), route, routing, cfg.top_k)
+        rows += moe_rows(label, MoE(JEETModel.load(run_dir / "moe" / name)), route, routing, cfg.top_k, code_langs)
     sets = eval_sets(tok_dir, langs, block_size, eval_cfg)
     log(f"[moe] evaluation grid: {len(rows)} rows x {len(langs)} languages, {routing} routing, {eval_cfg.split} "
         f"split: " + ", ".join(f"{l} {len(s.blocks)} blocks / {s.n_docs} documents" for l, s in sets.items()))

@@ -3,10 +3,13 @@
 JEET (Joint Expert Embedding Training): the token and position embeddings, the final LayerNorm and the LM
 head (tied to the token embedding, as in GPT-2) are shared; each language has its own stack of GPT-2
 blocks. A sequence goes through its language's stack only, so a training step gives gradients to the
-stacks that ran and to the shared parts, never to the others.
+stacks that ran and to the shared parts, never to the others. `JEETParts` moves parts to the experts as the
+paper's public code has them: a position embedding per expert (`expert_wpe`), a final LayerNorm per expert
+(`expert_ln_f`), and a head of its own with a bias, untied from the token embedding (`untied_head`; still
+one head, shared by every expert). All off by default.
 
-MoE-CE: JEET plus a `common` stack that runs for every sequence. Its last hidden state (after the shared
-final LayerNorm, like `GPT2Model.last_hidden_state`) is averaged with the selected stack's before the
+MoE-CE: JEET plus a `common` stack that runs for every sequence. Its last hidden state (after the final
+LayerNorm, like `GPT2Model.last_hidden_state`) is averaged with the selected stack's before the
 head: the paper's plain mean, or with `gate=True` a learned scalar per expert,
 h = (1 − σ(g_e))·h_common + σ(g_e)·h_e, that starts at the plain mean (g_e = 0).
 
@@ -51,6 +54,15 @@ DDP_KWARGS = {"find_unused_parameters": True}  # for DistributedDataParallel / R
 
 
 @dataclass
+class JEETParts:
+    """Which parts besides the block stacks each expert owns (the paper's public code: all three on)."""
+
+    expert_wpe: bool = False  # a position embedding per expert (off: one shared by every expert)
+    expert_ln_f: bool = False  # a final LayerNorm per expert (off: one shared)
+    untied_head: bool = False  # the shared LM head has its own weight and a bias (off: tied to wte, no bias)
+
+
+@dataclass
 class JEETConfig:
     langs: list[str]  # one stack per language, in routing-column order
     vocab_size: int
@@ -59,10 +71,13 @@ class JEETConfig:
     model: ModelConfig = field(default_factory=ModelConfig)  # the size of each stack (n_layer blocks)
     common: bool = False  # add the always-on common stack: MoE-CE
     gate: bool = False  # MoE-CE only: a learned per-expert scalar instead of the plain mean
+    parts: JEETParts = field(default_factory=JEETParts)  # shared or per-expert position embedding, LN, head
 
     def __post_init__(self):
         if isinstance(self.model, dict):
             self.model = ModelConfig(**self.model)
+        if isinstance(self.parts, dict):
+            self.parts = JEETParts(**self.parts)
         if not self.langs:
             raise MomeError("JEET needs at least one language in 'langs'")
         if len(set(self.langs)) != len(self.langs):
@@ -74,20 +89,33 @@ class JEETConfig:
 
 
 class JEETModel(nn.Module):
-    """Shared embedding/LN/head, one block stack per language (+ the common stack of MoE-CE)."""
+    """Shared embedding/LN/head, one block stack per language (+ the common stack of MoE-CE).
+
+    A part an expert owns (`cfg.parts`) is an `nn.ModuleDict` by member name (`wpe.fr.weight`); a shared one
+    is the module itself (`wpe.weight`), as in GPT-2. The untied head is `lm_head` (weight and bias)."""
+
+    shares_head = True  # every expert's last hidden state goes through one head: hidden states can be averaged
 
     def __init__(self, cfg: JEETConfig):
         super().__init__()
         self.cfg = cfg
         template = self._build_lm()
         self.gpt2_config = template.config  # blocks and masks follow it (attention implementation, sizes)
-        self.wte, self.wpe = template.transformer.wte, template.transformer.wpe
-        self.drop, self.ln_f = template.transformer.drop, template.transformer.ln_f
         members = cfg.langs + ([COMMON] if cfg.common else [])
-        # each stack is initialised like a fresh GPT-2 (HF's init, scaled residual projections)
-        self.stacks = nn.ModuleDict({m: (template if i == 0 else self._build_lm()).transformer.h
-                                     for i, m in enumerate(members)})
+        # each stack (and each owned part) is initialised like a fresh GPT-2 (HF's init, scaled residual projections)
+        lms = {m: (template if i == 0 else self._build_lm()).transformer for i, m in enumerate(members)}
+        self.wte, self.drop = template.transformer.wte, template.transformer.drop
+        self.wpe = nn.ModuleDict({m: t.wpe for m, t in lms.items()}) if cfg.parts.expert_wpe else lms[members[0]].wpe
+        self.ln_f = nn.ModuleDict({m: t.ln_f for m, t in lms.items()}) if cfg.parts.expert_ln_f else lms[members[0]].ln_f
+        self.stacks = nn.ModuleDict({m: t.h for m, t in lms.items()})
         self.gate = nn.Parameter(torch.zeros(len(cfg.langs))) if cfg.gate else None
+        self.lm_head = self._untied_head() if cfg.parts.untied_head else None
+
+    def _untied_head(self) -> nn.Linear:
+        head = nn.Linear(self.cfg.model.n_embd, self.cfg.vocab_size, bias=True)
+        nn.init.normal_(head.weight, std=self.gpt2_config.initializer_range)  # GPT-2's init for linear layers
+        nn.init.zeros_(head.bias)
+        return head
 
     def _build_lm(self):
         return build_gpt2(self.cfg.model, self.cfg.vocab_size, self.cfg.eos_id, self.cfg.pad_id)
@@ -117,13 +145,22 @@ class JEETModel(nn.Module):
     def logits(self, name: str, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
                with_common: bool) -> torch.Tensor:
         """(b, T, V) logits of every sequence of the group through stack `name` (+ the common stack)."""
-        return F.linear(self.hidden(name, input_ids, attention_mask, with_common), self.wte.weight)
+        return self.head(self.hidden(name, input_ids, attention_mask, with_common))
+
+    def head(self, h: torch.Tensor) -> torch.Tensor:
+        """The shared LM head: (b, T, C) last hidden states -> (b, T, V) logits."""
+        return self.lm_head(h) if self.lm_head is not None else F.linear(h, self.wte.weight)
 
     def active_params(self, names: list[str], with_common: bool) -> int:
-        """Parameters one sequence runs through: the shared parts plus the named stacks."""
+        """Parameters one sequence runs through: the shared parts plus the named stacks and their own parts."""
         run = set(names) | ({COMMON} if with_common else set())
-        shared = sum(p.numel() for n, p in self.named_parameters() if not n.startswith("stacks."))
-        return shared + sum(p.numel() for m in run for p in self.stacks[m].parameters())
+        owned = [(f"{part}.", m) for part in ("stacks", "wpe", "ln_f") for m in self.stacks
+                 if isinstance(getattr(self, part), nn.ModuleDict)]  # (prefix, member) of the experts' own parts
+        count = 0
+        for n, p in self.named_parameters():
+            owner = next((m for prefix, m in owned if n.startswith(f"{prefix}{m}.")), None)
+            count += p.numel() if owner is None or owner in run else 0
+        return count
 
     # --- the model
 
@@ -134,39 +171,47 @@ class JEETModel(nn.Module):
             raise MomeError(f"no expert '{name}' in this JEET model; experts: {list(self.stacks)}")
         if with_common and not self.cfg.common:
             raise MomeError("this JEET model has no common expert; build it with common=True (MoE-CE)")
-        x, mask, pos = self._embed(input_ids, attention_mask)
-        h = self._stack(name, x, mask, pos)
+        h = self._stack(name, input_ids, attention_mask)
         if not with_common or name == COMMON:
             return h
-        h_common = self._stack(COMMON, x, mask, pos)
+        h_common = self._stack(COMMON, input_ids, attention_mask)
         if self.gate is None:
             return (h + h_common) / 2  # the paper's plain mean
         g = torch.sigmoid(self.gate[self.cfg.langs.index(name)])
         return (1 - g) * h_common + g * h
 
-    def _embed(self, input_ids, attention_mask):
+    def _part(self, part: str, name: str) -> nn.Module:
+        """Member `name`'s own `wpe` / `ln_f`, or the shared one."""
+        module = getattr(self, part)
+        return module[name] if isinstance(module, nn.ModuleDict) else module
+
+    def _stack(self, name, input_ids, attention_mask):
+        """Embed, run stack `name`, final LayerNorm: (b, T) ids -> (b, T, C)."""
         from transformers.masking_utils import create_causal_mask
 
         pos = torch.arange(input_ids.shape[1], device=input_ids.device).unsqueeze(0)  # (1, T)
-        x = self.drop(self.wte(input_ids) + self.wpe(pos))  # (b, T, C)
+        x = self.drop(self.wte(input_ids) + self._part("wpe", name)(pos))  # (b, T, C)
         mask = create_causal_mask(config=self.gpt2_config, inputs_embeds=x, attention_mask=attention_mask,
                                   past_key_values=None, position_ids=pos)
-        return x, mask, pos
-
-    def _stack(self, name, x, mask, pos):
         for block in self.stacks[name]:
             x = block(x, attention_mask=mask, position_ids=pos)
-        return self.ln_f(x)
+        return self._part("ln_f", name)(x)
 
     def expert_lm(self, name: str):
         """A standalone HF `GPT2LMHeadModel` of one stack with the shared parts (a copy, e.g. to serve)."""
         if name not in self.stacks:
             raise MomeError(f"no expert '{name}' in this JEET model; experts: {list(self.stacks)}")
         lm = self._build_lm()
-        shared = {k: v for k, v in self.state_dict().items() if not k.startswith(("stacks.", "gate"))}
-        state = {f"transformer.{k}": v for k, v in shared.items()}
-        state |= {f"transformer.h.{k}": v for k, v in self.stacks[name].state_dict().items()}
-        state["lm_head.weight"] = self.wte.weight.detach()
+        state = {"transformer.wte.weight": self.wte.weight.detach()}
+        for part in ("wpe", "ln_f", "h"):
+            module = self.stacks[name] if part == "h" else self._part(part, name)
+            state |= {f"transformer.{part}.{k}": v for k, v in module.state_dict().items()}
+        if self.lm_head is None:
+            state["lm_head.weight"] = self.wte.weight.detach()
+        else:  # untied, with a bias: the HF model gets a head of the same shape (GPT-2's has no bias)
+            lm.config.tie_word_embeddings = False
+            lm.lm_head = nn.Linear(self.cfg.model.n_embd, self.cfg.vocab_size, bias=True)
+            state |= {f"lm_head.{k}": v for k, v in self.lm_head.state_dict().items()}
         lm.load_state_dict(state)
         return lm.to(self.wte.weight.device)
 

@@ -9,6 +9,7 @@ teacher runs under no_grad on the same block. CE, KD, α and β are kept for eve
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 from typing import ClassVar
 
@@ -23,6 +24,9 @@ from mome_ray.storage import RunStore
 from mome_ray.training import Progress, TrainConfig, autocast, clip_and_step, eval_metrics, lm_loss
 
 
+LOSS_PARAMS = {"jsd": ("jsd_beta", "beta"), "skew_kl": ("skew", "skew")}  # loss -> (recipe field, its argument)
+
+
 @dataclass
 class KDRecipe:
     """What every KD training run is configured by: the distilled students here and JEET / MoE-CE
@@ -34,6 +38,8 @@ class KDRecipe:
     alpha: AlphaConfig = field(default_factory=AlphaConfig)
     kd_loss: str = "reverse_kl"  # reverse_kl (the paper's stated loss), forward_kl, jsd, skew_kl
     temperature: float = 1.0  # softens both distributions in the KD term (with τ² scaling)
+    jsd_beta: float = 0.5  # jsd: the teacher's weight β in the mixture, in (0, 1)
+    skew: float = 0.1  # skew_kl: the teacher's share λ of the skewed student, in [0, 1)
     max_parallel: int = 0  # runs at once (0 = as many as the cluster fits)
     section: ClassVar[str] = "distill"
 
@@ -42,6 +48,21 @@ class KDRecipe:
             raise MomeError(f"{self.section}.kd_loss '{self.kd_loss}' is not one of {sorted(KD_LOSSES)}")
         if self.temperature <= 0:
             raise MomeError(f"{self.section}.temperature must be > 0, got {self.temperature}")
+        if not 0 < self.jsd_beta < 1:
+            raise MomeError(f"{self.section}.jsd_beta must be in (0, 1) (the teacher's weight in the JSD mixture; "
+                            f"0.5 is the symmetric JSD), got {self.jsd_beta}")
+        if not 0 <= self.skew < 1:
+            raise MomeError(f"{self.section}.skew must be in [0, 1) (the teacher's share of the skewed student; "
+                            f"0 is forward KL), got {self.skew}")
+
+    def kd_fn(self):
+        """The configured divergence, `losses.<kd_loss>` with this recipe's β (jsd) or λ (skew_kl)."""
+        params = {arg: getattr(self, key) for loss, (key, arg) in LOSS_PARAMS.items() if loss == self.kd_loss}
+        return functools.partial(KD_LOSSES[self.kd_loss], **params)
+
+    def unused_keys(self) -> tuple[str, ...]:
+        """The loss parameters the configured loss does not read: left out of what an artifact depends on."""
+        return tuple(key for loss, (key, _) in LOSS_PARAMS.items() if loss != self.kd_loss)
 
 
 def kd_step(model, teacher, opt, sched, ids: torch.Tensor, alpha: float, beta: float, kd_fn, temperature: float,
@@ -104,7 +125,7 @@ def kd_train(run, batches, teacher, schedule: AlphaSchedule, cfg: KDRecipe, devi
         run.extra = {"trace": new_trace()}
         if run.rank == 0:
             print(f"[{name}] {banner}, {cfg.train.max_steps} steps", flush=True)
-    kd_fn, trace = KD_LOSSES[cfg.kd_loss], run.extra["trace"]
+    kd_fn, trace = cfg.kd_fn(), run.extra["trace"]
     run.model.train()
     progress = Progress(name, cfg.train.max_steps, cfg.train.batch_size * cfg.model.n_positions * world,
                         cfg.train.log_every, run.rank == 0)

@@ -1,4 +1,5 @@
-"""Ray Tune over the distillation recipe: alpha strategy × KD loss × temperature, for one language's expert.
+"""Ray Tune over the distillation recipe: alpha strategy × KD loss × temperature, for one language's expert
+(a space may also set JSD's β `jsd_beta` and skew KL's λ `skew`).
 
     mome sweep kd --config configs/small.yaml          # also a pipeline stage (`sweep_kd`, after `experts`)
     mome sweep kd --config configs/small.yaml distill.sweep.lang=de distill.sweep.max_steps=100
@@ -28,7 +29,8 @@ from mome_ray.distill import DistillConfig, Student, loop_config, train_fn_per_w
 from mome_ray.errors import MomeError
 from mome_ray.storage import RunStore
 
-SEARCHED = ("alpha", "kd_loss", "temperature")
+SEARCHED = ("alpha", "kd_loss", "temperature", "jsd_beta", "skew")
+LOSS_PARAMS = ("jsd_beta", "skew")  # columns of the tables only when the space sets them
 
 
 def trial_fn(config: dict) -> None:
@@ -69,6 +71,7 @@ def results_frame(grid):
             "alpha": alpha.get("alpha", "") if alpha.get("strategy", "fixed") == "fixed" else "",
             "kd_loss": p.get("kd_loss", ""),
             "temperature": p.get("temperature", ""),
+            **{k: p[k] for k in LOSS_PARAMS if k in p},
             "val_ppl": (r.metrics or {}).get("val_ppl", float("nan")),
             "test_ppl": (r.metrics or {}).get("test_ppl", float("nan")),
             "best_val_ppl": float(history["val_ppl"].min()) if history is not None and "val_ppl" in history
@@ -85,7 +88,7 @@ def arms_frame(df):
     perplexity; best mean validation perplexity first (settings are selected on validation)."""
     ok = df[df["error"].fillna("") == ""]  # read back from CSV, an empty error is NaN
     g = ok.groupby("setting", sort=False)
-    arms = g[["strategy", "alpha", "kd_loss", "temperature"]].first()
+    arms = g[["strategy", "alpha", "kd_loss", "temperature", *[k for k in LOSS_PARAMS if k in ok]]].first()
     arms["seeds"] = g["seed"].apply(lambda s: " ".join(str(x) for x in sorted(s)))
     for col in ("val_ppl", "test_ppl"):
         arms[f"{col}_mean"], arms[f"{col}_sd"] = g[col].mean().round(3), g[col].std(ddof=1).round(3)

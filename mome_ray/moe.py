@@ -13,10 +13,13 @@ per sequence: a router maps (B, T) ids (+ attention mask) to a `Routing` — one
 How a batch runs:
 - hard top-1 (default): sequences are grouped by expert, each expert runs once on its group, and the
   logits are scattered back into batch order.
-- `mode="topk"` (beyond the paper): the k most probable experts' next-token *distributions* are mixed
-  with the renormalised router probabilities; the logits returned are the log of the mixture.
-- `force="fr"` runs one named expert on every sequence; `force=["en", "py"]` mixes the named experts'
-  distributions with equal weights.
+- `mode="topk"` (beyond the paper): the k most probable experts are mixed (see `mix`) with the renormalised
+  router probabilities; mixing distributions returns the log of the mixture as logits.
+- `force="fr"` runs one named expert on every sequence; `force=["en", "py"]` mixes the named experts
+  with equal weights.
+- How experts are mixed (`mix`): `"probs"` (default) mixes their next-token *distributions*; `"hidden"`
+  averages their last hidden states with the same weights and applies the shared head once (JEET and
+  MoE-CE, whose experts share the head; PLE's whole models can only mix distributions).
 - `unknown` (index −1) goes to the common expert when there is one, else to the most probable expert.
 - `common=True` (MoE-CE only; its default) averages the common stack's last hidden state with the
   selected expert's before the head; `common=False` runs the selected stack alone.
@@ -26,13 +29,15 @@ The evaluation grid, one call per row:
     each expert forced ± common          moe(ids, mask, force="fr", common=True | False)
     common expert alone                  moe(ids, mask, force="common")
     uniform average of all experts       moe(ids, mask, force=moe.names)     (± common as above)
-    language + Python pairs              moe(ids, mask, force=["fr", "py"])
+      ... of their hidden states         moe(ids, mask, force=moe.names, mix="hidden")
+    language + Python pairs              moe(ids, mask, force=["fr", "py"], mix="hidden")   (PLE: "probs")
     top-2 mixing                         moe(ids, mask, mode="topk", k=2)
 Parameter counts for a row: `moe.active_params(<same options>)` (per sequence) and `moe.total_params()`.
 
-An expert bank is any module with `names`, `has_common`, `combines_common`, `n_positions`,
-`vocab_size`, `logits(name, ids, mask, with_common)` and `active_params(names, with_common)`:
-`PLEExperts` here (whole HF models) and `JEETModel` in jeet.py (stacks over shared parts).
+An expert bank is any module with `names`, `has_common`, `combines_common`, `shares_head`, `n_positions`,
+`vocab_size`, `logits(name, ids, mask, with_common)` and `active_params(names, with_common)` (and, where
+`shares_head`, `hidden(...)` with the same arguments and `head(h)`): `PLEExperts` here (whole HF models)
+and `JEETModel` in jeet.py (stacks over shared parts).
 """
 
 from __future__ import annotations
@@ -52,6 +57,7 @@ from mome_ray.models import n_params
 from mome_ray.training import lm_loss
 
 UNKNOWN = -1  # Routing.index of a sequence the router could not place
+MIXES = ("probs", "hidden")  # how several experts' outputs are combined: distributions or last hidden states
 
 
 @dataclass
@@ -107,6 +113,7 @@ class PLEExperts(nn.Module):
     """Pre-trained Language Experts: one whole model per language (+ an optional `common` model)."""
 
     combines_common = False  # whole models have no shared head: a common model is a fallback, not a mix
+    shares_head = False  # ... nor can their hidden states be averaged: only their distributions (mix="probs")
 
     def __init__(self, models: dict[str, nn.Module]):
         super().__init__()
@@ -169,7 +176,7 @@ def load_ple(dirs: dict[str, Path]) -> PLEExperts:
 
 @dataclass
 class MoEOutput:
-    logits: torch.Tensor  # (B, T, V); log-probabilities when experts were mixed
+    logits: torch.Tensor  # (B, T, V); log-probabilities when experts' distributions were mixed
     loss: torch.Tensor | None  # next-token cross-entropy when labels were given (−100 = ignore)
     experts: list[tuple[str, ...]]  # per sequence, the experts that ran (the common one included)
 
@@ -183,7 +190,7 @@ class Scores:
 @dataclass
 class _Plan:
     weights: torch.Tensor  # (B, M) over members = names (+ common); a one-hot row is hard routing
-    mix: bool  # mix the members' distributions (else each row has exactly one member)
+    mix: str | None  # "probs" | "hidden": how rows with several members combine them (None: one member per row)
     common: bool  # average the common stack in (MoE-CE)
 
 
@@ -207,8 +214,8 @@ class MoE(nn.Module):
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 labels: torch.Tensor | None = None, *, routing: Routing | None = None,
                 force: str | Sequence[str] | None = None, mode: str = "top1", k: int = 2,
-                common: bool | None = None) -> MoEOutput:
-        plan = self._plan(input_ids, attention_mask, routing, force, mode, k, common)
+                common: bool | None = None, mix: str = "probs") -> MoEOutput:
+        plan = self._plan(input_ids, attention_mask, routing, force, mode, k, common, mix)
         logits = self._run(input_ids, attention_mask, plan)
         loss = lm_loss(logits, labels) if labels is not None else None
         return MoEOutput(logits, loss, self._ran(plan))
@@ -263,9 +270,10 @@ class MoE(nn.Module):
     # --- routing plan: which members run on which rows, with which weight
 
     def _plan(self, input_ids, attention_mask, routing: Routing | None, force=None, mode: str = "top1",
-              k: int = 2, common: bool | None = None) -> _Plan:
+              k: int = 2, common: bool | None = None, mix: str = "probs") -> _Plan:
         if input_ids.ndim != 2 or input_ids.numel() == 0:
             raise MomeError(f"MoE needs a non-empty (B, T) batch of token ids, got shape {tuple(input_ids.shape)}")
+        self._check_mix(mix)
         common, n = self._common(common), len(input_ids)
         weights = torch.zeros(n, len(self.members), device=input_ids.device)
         if force is not None:
@@ -273,7 +281,7 @@ class MoE(nn.Module):
                 raise MomeError("pass either force= or routing=/mode=, not both")
             forced = self._forced(force)
             weights[:, [self.members.index(f) for f in forced]] = 1 / len(forced)
-            return _Plan(weights, not isinstance(force, str), common)
+            return _Plan(weights, None if isinstance(force, str) else mix, common)
         if mode not in ("top1", "topk"):
             raise MomeError(f"unknown MoE mode '{mode}'; use 'top1' or 'topk'")
         routing = routing if routing is not None else self._route(input_ids, attention_mask)
@@ -294,7 +302,7 @@ class MoE(nn.Module):
         fallback = torch.full((n,), len(self.names), device=weights.device) if self.experts.has_common \
             else routing.probs.argmax(1)
         weights[unknown] = F.one_hot(fallback[unknown], len(self.members)).float()
-        return _Plan(weights, mode == "topk", common)
+        return _Plan(weights, mix if mode == "topk" else None, common)
 
     def _route(self, input_ids, attention_mask) -> Routing:
         if self.router is None:
@@ -308,6 +316,13 @@ class MoE(nn.Module):
             raise MomeError(f"no expert {unknown or forced} in this MoE; experts: {self.members}")
         return forced
 
+    def _check_mix(self, mix: str) -> None:
+        if mix not in MIXES:
+            raise MomeError(f"unknown MoE mix '{mix}'; use one of {list(MIXES)}")
+        if mix == "hidden" and not self.experts.shares_head:
+            raise MomeError("mix='hidden' averages last hidden states before a shared head, but these experts are "
+                            "whole models with heads of their own (PLE); mix their distributions with mix='probs'")
+
     def _common(self, common: bool | None) -> bool:
         return self.experts.combines_common if common is None else common
 
@@ -318,19 +333,28 @@ class MoE(nn.Module):
 
     # --- running the plan: each member once on its group of rows
 
-    def _run(self, input_ids, attention_mask, plan: _Plan) -> torch.Tensor:
-        order, pieces = [], []
+    def _groups(self, fn, input_ids, attention_mask, plan: _Plan):
+        """(member index, rows, fn(name, ids[rows], mask[rows], common)) for each member that runs on some rows."""
         for m, name in enumerate(self.members):
             rows = plan.weights[:, m].nonzero().flatten()
-            if len(rows) == 0:
-                continue
-            mask = attention_mask[rows] if attention_mask is not None else None
-            logits = self.experts.logits(name, input_ids[rows], mask, plan.common)  # (b, T, V)
-            if plan.mix:  # weighted log-probs of this member, logsumexp-ed below
+            if len(rows):
+                mask = attention_mask[rows] if attention_mask is not None else None
+                yield m, rows, fn(name, input_ids[rows], mask, plan.common)
+
+    def _run(self, input_ids, attention_mask, plan: _Plan) -> torch.Tensor:
+        if plan.mix == "hidden":  # Σ_m w_m·h_m per row, then the shared head once: (B, T, V) logits
+            h = None
+            for m, rows, hidden in self._groups(self.experts.hidden, input_ids, attention_mask, plan):  # (b, T, C)
+                h = hidden.new_zeros(len(input_ids), *hidden.shape[1:]) if h is None else h
+                h = h.index_add(0, rows, hidden * plan.weights[rows, m].to(hidden.dtype)[:, None, None])
+            return self.experts.head(h)
+        order, pieces = [], []
+        for m, rows, logits in self._groups(self.experts.logits, input_ids, attention_mask, plan):  # (b, T, V)
+            if plan.mix == "probs":  # weighted log-probs of this member, logsumexp-ed below
                 logits = F.log_softmax(logits.float(), -1) + plan.weights[rows, m].log()[:, None, None]
             order.append(rows)
             pieces.append(logits)
-        if not plan.mix:  # one member per row: scatter the groups back into batch order
+        if plan.mix is None:  # one member per row: scatter the groups back into batch order
             return torch.cat(pieces)[torch.cat(order).argsort()]
         mixed = torch.full((len(input_ids), *pieces[0].shape[1:]), float("-inf"), device=pieces[0].device)
         for rows, logp in zip(order, pieces):
@@ -354,7 +378,7 @@ class Routed(nn.Module):
     """An MoE under fixed options, called like an HF model: `Routed(moe, force="fr")(input_ids=ids).logits`.
 
     `route(ids, mask)` (a `moe.Router`) decides per batch; other keywords go to `MoE.forward` as they are
-    (`routing=`, `force=`, `mode=`, `k=`, `common=`). Lets `training.evaluate` and `kd.kd_step`,
+    (`routing=`, `force=`, `mode=`, `k=`, `common=`, `mix=`). Lets `training.evaluate` and `kd.kd_step`,
     written for HF models, run an MoE.
     """
 

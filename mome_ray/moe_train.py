@@ -2,6 +2,7 @@
 
     mome moe --config configs/small.yaml                 # trains both, then runs the evaluation grid
     mome moe --config configs/small.yaml moe.gate=true   # MoE-CE with a learned per-expert gate
+    mome moe --config configs/small.yaml moe.parts.expert_wpe=true moe.parts.untied_head=true   # the paper's code
 
 Every step draws a balanced batch (an equal share of each language) and routes each sequence to its own
 language's stack (`Routing.onehot` of the batch's language labels), so a step updates the stacks that
@@ -26,7 +27,7 @@ from mome_ray.data import balanced_data
 from mome_ray.evaluation import per_language_eval
 from mome_ray.kd import KDRecipe, check_teacher, frozen_teacher, kd_train
 from mome_ray.errors import MomeError
-from mome_ray.jeet import DDP_KWARGS, JEETConfig, JEETModel
+from mome_ray.jeet import DDP_KWARGS, JEETConfig, JEETModel, JEETParts
 from mome_ray.models import ModelConfig, load_lm, n_params
 from mome_ray.moe import MoE, Routed, Routing
 from mome_ray.storage import RunStore
@@ -40,6 +41,7 @@ class MoEConfig(KDRecipe):
     # One expert stack: the paper's MoE experts are half its students' depth (3 x 768 vs 6 x 768).
     model: ModelConfig = field(default_factory=lambda: ModelConfig(n_layer=1, n_embd=128, n_head=4))
     gate: bool = False  # MoE-CE: a learned per-expert scalar gate instead of the paper's plain mean
+    parts: JEETParts = field(default_factory=JEETParts)  # per-expert wpe / ln_f, untied head (the paper's code)
     top_k: int = 2  # the grid's top-k mixing row
     section: ClassVar[str] = "moe"
 
@@ -52,7 +54,7 @@ class MoEConfig(KDRecipe):
 def build_jeet(cfg: MoEConfig, langs: list[str], tokenizer_dir: Path, common: bool) -> MoE:
     tok = load_tokenizer(tokenizer_dir)
     return MoE(JEETModel(JEETConfig(list(langs), len(tok), tok.eos_token_id, tok.pad_token_id, cfg.model,
-                                    common=common, gate=common and cfg.gate)))
+                                    common=common, gate=common and cfg.gate, parts=cfg.parts)))
 
 
 def train_fn_per_worker(config: dict) -> None:
@@ -90,7 +92,7 @@ def train_fn_per_worker(config: dict) -> None:
 def variant_config(cfg: MoEConfig, name: str, langs: list[str], seed: int) -> dict:
     """What a trained MoE depends on: a change re-trains it (grid settings do not)."""
     d = to_dict(cfg)
-    for key in ("max_parallel", "top_k") + (() if VARIANTS[name] else ("gate",)):
+    for key in ("max_parallel", "top_k") + (() if VARIANTS[name] else ("gate",)) + cfg.unused_keys():
         d.pop(key)
     return {"langs": langs, "seed": seed, "moe": d, "variant": name}
 

@@ -3,8 +3,9 @@
     mome report runs/small          # also the last step of `mome pipeline`
 
 Sections: corpus, teacher, knowledge distillation (CE/KD curves with α/β), experts vs teacher, router,
-MoE evaluation grid, forgetting, and the paper's five claims, each with our numbers and a verdict
-(supported / not supported / mixed) computed from them. A stage that has not run is listed as "not run".
+MoE evaluation grid, forgetting, the paper's five claims, each with our numbers and a verdict
+(supported / not supported / mixed) computed from them, and the deviations from the paper under this run's
+config (`deviations.py`). A stage that has not run is listed as "not run".
 Reads only artifacts (`meta.json`, CSV tables, PNGs the stages wrote); trains nothing.
 """
 
@@ -193,6 +194,36 @@ def forgetting_section(run_dir: Path, plots: Path) -> str | None:
             + "\n" + _img(run_dir, run_dir / "forgetting" / "lines.png", "perplexity per stage"))
 
 
+# Which stage's artifact records which config section (`stages.stage_config`): the run's config, read back.
+CONFIG_SECTIONS = {"corpus": "corpus", "tokenizer": "tokenizer", "teacher": "teacher", "experts": "distill",
+                   "router": "router", "moe": "moe", "forgetting": "forgetting"}
+
+
+def run_settings(run_dir: Path):
+    """The run's `Settings` as its stages recorded them; sections of stages that have not run are defaults."""
+    from mome_ray.config import from_dict
+    from mome_ray.settings import Settings
+
+    data: dict = {}
+    for stage, section in CONFIG_SECTIONS.items():
+        config = (_meta(run_dir, stage) or {}).get("config", {})
+        data |= {k: config[k] for k in ("langs", "seed", "eval") if k in config}
+        if section in config:
+            data[section] = config[section]
+    return from_dict(Settings, data, where="")
+
+
+def deviations_section(run_dir: Path, plots: Path) -> str:
+    from mome_ray.deviations import deviations_markdown, deviations_table
+
+    try:
+        cfg = run_settings(run_dir)
+    except MomeError as e:  # a run made by a version whose config this one cannot read
+        return f"This run's config could not be read back ({e}).\n"
+    return ("Every way this run departs from the paper and its public code (PAPER.md), under this run's config "
+            "(sections of stages that have not run show the defaults):\n\n" + deviations_markdown(deviations_table(cfg)))
+
+
 # --- the paper's claims: the data each needs, judged by `claims.py`
 
 
@@ -278,6 +309,7 @@ def _write_report(run_dir: Path, name: str) -> Path:
     for i, (text, claim) in enumerate(_claims(run_dir), 1):
         rows.append(f"| {i} | {text} | {claim.text()} | **{claim.verdict}** |")
     parts.append("## The paper's claims\n\n" + "\n".join(rows) + "\n\n" + claims.RULES + "\n")
+    parts.append("## Deviations from the paper\n\n" + deviations_section(run_dir, plots))
     path = run_dir / "report.md"
     path.write_text("\n".join(parts))
     return path

@@ -296,7 +296,7 @@ def _run_grid(cfg: Settings, store: RunStore, log=print):
 
     with store.view(["tokenizer", "router", "teacher", "experts/*", "moe/*"]) as run_dir:
         return run_grid(run_dir, cfg.langs, cfg.moe, cfg.eval,
-                        min(cfg.moe.model.n_positions, cfg.distill.model.n_positions), log)
+                        min(cfg.moe.model.n_positions, cfg.distill.model.n_positions), cfg.corpus.code_langs, log)
 
 
 def forgetting(cfg: Settings, log=print) -> dict:

@@ -1,5 +1,6 @@
 """Distillation: the KD step, the plan of students, and a tiny two-language parallel run on Ray Train."""
 
+import re
 import time
 from pathlib import Path
 
@@ -10,10 +11,11 @@ from mome_ray import stages
 from mome_ray.alpha import AlphaConfig
 from mome_ray.artifacts import read_meta
 from mome_ray.config import from_dict
-from mome_ray.distill import DistillConfig, plan
+from mome_ray.distill import DistillConfig, Student, plan, student_config
 from mome_ray.kd import kd_step
 from mome_ray.errors import MomeError
-from mome_ray.losses import reverse_kl
+from mome_ray.losses import jsd, reverse_kl, skew_kl
+from mome_ray.moe_train import MoEConfig
 from mome_ray.models import ModelConfig, build_gpt2, load_lm
 from mome_ray.settings import load_settings
 from mome_ray.training import TrainConfig, build_optimizer, build_schedule, lm_train_step
@@ -70,6 +72,31 @@ def test_plan_and_config_errors():
     with pytest.raises(MomeError, match="alpha.alpha must be in"):
         from_dict(DistillConfig, {"alpha": {"alpha": 1.5}})
     assert AlphaConfig().strategy == "fixed"
+
+
+@pytest.mark.parametrize("key, bad, interval", [("jsd_beta", 0.0, "(0, 1)"), ("jsd_beta", 1.0, "(0, 1)"),
+                                                ("skew", 1.0, "[0, 1)"), ("skew", -0.1, "[0, 1)")])
+def test_kd_recipe_refuses_jsd_beta_and_skew_out_of_range(key, bad, interval):
+    for cls, section in ((DistillConfig, "distill"), (MoEConfig, "moe")):
+        with pytest.raises(MomeError, match=f"{section}.{key} must be in {re.escape(interval)}.*got {bad}"):
+            from_dict(cls, {key: bad})
+    assert DistillConfig(skew=0.0).skew == 0.0  # λ = 0 is plain forward KL
+
+
+def test_kd_fn_is_the_configured_divergence_with_its_parameters():
+    s, t = (torch.randn(2, 5, 16, generator=torch.Generator().manual_seed(i)) for i in range(2))
+    fn = DistillConfig(kd_loss="jsd", jsd_beta=0.2).kd_fn()
+    assert fn(s, t).item() == pytest.approx(jsd(s, t, beta=0.2).item())
+    assert fn(s, t).item() != pytest.approx(jsd(s, t).item())  # not the default β = 0.5
+    fn = DistillConfig(kd_loss="skew_kl", skew=0.4).kd_fn()
+    assert fn(s, t, temperature=2.0).item() == pytest.approx(skew_kl(s, t, temperature=2.0, skew=0.4).item())
+    assert DistillConfig().kd_fn()(s, t).item() == pytest.approx(reverse_kl(s, t).item())
+    # what a student depends on: the parameter of its own loss only; a CE-only student none of them
+    jsd_cfg = DistillConfig(kd_loss="jsd", jsd_beta=0.2)
+    kd = student_config(jsd_cfg, Student("fr", ["fr"], True), ["fr"], 0)["distill"]
+    assert kd["jsd_beta"] == 0.2 and "skew" not in kd
+    ce = student_config(jsd_cfg, Student("nokd-fr", ["fr"], False), ["fr"], 0)["distill"]
+    assert not {"jsd_beta", "skew", "kd_loss", "alpha", "temperature"} & set(ce)
 
 
 def test_two_experts_distil_in_parallel_with_baselines(tiny_teacher, tmp_path, capfd):

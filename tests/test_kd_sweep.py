@@ -75,3 +75,19 @@ def test_unknown_space_key_is_refused(tiny_teacher, tmp_path):
     cfg = load_settings(str(ROOT / "configs/tiny.yaml"), [f"run_dir={run_dir}", f"distill.sweep.space={space}"])
     with pytest.raises(MomeError, match="unknown keys \\['lr'\\]"):
         stages.sweep_kd(cfg, log=lambda *a: None)
+
+
+def test_a_space_may_set_jsd_beta_and_skew_and_the_tables_show_them():
+    from types import SimpleNamespace
+
+    from mome_ray.kd_sweep import arms_frame, check_space, results_frame
+
+    check_space({"kd_loss": "jsd", "jsd_beta": {"grid": [0.1, 0.9]}, "skew": 0.2})
+    trial = lambda seed, beta, ppl: SimpleNamespace(  # noqa: E731
+        config={"seed": seed, "params": {"kd_loss": "jsd", "jsd_beta": beta}}, metrics={"val_ppl": ppl, "step": 4},
+        metrics_dataframe=pd.DataFrame({"val_ppl": [ppl]}), error=None)
+    df = results_frame([trial(0, 0.1, 9.0), trial(0, 0.9, 8.0), trial(1, 0.1, 9.5), trial(1, 0.9, 8.5)])
+    arms = arms_frame(df)
+    assert list(arms["jsd_beta"]) == [0.9, 0.1] and "skew" not in arms  # the space did not set skew
+    assert "jsd_beta" not in results_frame([SimpleNamespace(config={"params": {}}, metrics={}, metrics_dataframe=None,
+                                                            error=None)])

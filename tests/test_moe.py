@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from mome_ray.errors import MomeError
-from mome_ray.jeet import COMMON, DDP_KWARGS, JEETConfig, JEETModel
+from mome_ray.grid import moe_rows
+from mome_ray.jeet import COMMON, DDP_KWARGS, JEETConfig, JEETModel, JEETParts
 from mome_ray.models import ModelConfig, build_gpt2
 from mome_ray.moe import UNKNOWN, MoE, PLEExperts, Routing, load_ple, text_router
 from mome_ray.training import build_optimizer, TrainConfig
@@ -26,9 +27,12 @@ def gpt2(seed: int):
     return build_gpt2(TINY, V, eos_id=0, pad_id=1).eval()
 
 
-def jeet(common: bool = False, gate: bool = False, seed: int = 0) -> JEETModel:
+def jeet(common: bool = False, gate: bool = False, seed: int = 0, parts: JEETParts | None = None) -> JEETModel:
     torch.manual_seed(seed)
-    return JEETModel(JEETConfig(LANGS, V, 0, 1, TINY, common=common, gate=gate)).eval()
+    return JEETModel(JEETConfig(LANGS, V, 0, 1, TINY, common=common, gate=gate, parts=parts or JEETParts())).eval()
+
+
+PAPER_PARTS = JEETParts(expert_wpe=True, expert_ln_f=True, untied_head=True)  # the paper's public code
 
 
 def ple(common: bool = False) -> PLEExperts:
@@ -177,6 +181,53 @@ def test_evaluation_grid_rows_are_one_call_each():
     assert ple_moe.active_params(mode="topk", k=2) == 2 * ple_moe.active_params() == ple_moe.total_params() // 2
 
 
+# --- averaging hidden states vs distributions; the language + code pair rows
+
+
+@pytest.mark.parametrize("common", [False, True])
+@pytest.mark.parametrize("parts", [JEETParts(), PAPER_PARTS])
+def test_hidden_average_is_the_head_on_the_mean_hidden_state(common, parts):
+    model = jeet(common=True, parts=parts)
+    moe, ids = MoE(model), batch(3)
+    with torch.no_grad():
+        for p in model.parameters():  # experts far from uniform, so the two averages differ clearly
+            p.add_(0.3 * torch.randn_like(p))
+        got = moe(ids, force=LANGS, common=common, mix="hidden")
+        want = model.head(torch.stack([model.hidden(l, ids, None, common) for l in LANGS]).mean(0))
+        probs = moe(ids, force=LANGS, common=common)  # the default: the mean of the distributions
+        one = moe(ids, force="fr", common=common, mix="hidden")  # one expert: nothing to average
+    torch.testing.assert_close(got.logits, want, rtol=0, atol=1e-5)
+    assert got.experts == probs.experts
+    assert (torch.log_softmax(got.logits, -1) - probs.logits).abs().max() > 0.1
+    assert torch.equal(one.logits, moe(ids, force="fr", common=common).logits)
+
+
+def test_hidden_average_needs_a_shared_head():
+    with pytest.raises(MomeError, match="whole models with heads of their own.*mix='probs'"):
+        MoE(ple())(batch(2), force=LANGS, mix="hidden")
+    with pytest.raises(MomeError, match="unknown MoE mix 'mean'"):
+        MoE(jeet())(batch(2), force=LANGS, mix="mean")
+
+
+def test_grid_rows_label_the_averages_and_add_language_code_pairs():
+    route = lambda lang: always(0)  # noqa: E731
+    natural = [l for l in LANGS if l != "py"]
+    for label, moe, mean, plus in (("PLE", MoE(ple()), "distribution mean", ""), ("JEET", MoE(jeet()), "hidden mean", ""),
+                                   ("MoE-CE", MoE(jeet(common=True)), "hidden mean", " + common")):
+        rows = {r.row: r for r in moe_rows(label, moe, route, "oracle", 2, code_langs=["py", "js"])}
+        assert "uniform average (distribution mean)" in rows
+        assert ("uniform average (hidden mean)" in rows) == (label != "PLE")
+        pairs = {r for r in rows if " + py (" in r}
+        assert pairs == {f"expert {l} + py ({mean}){plus}" for l in natural}
+        pair = rows[f"expert fr + py ({mean}){plus}"]
+        ids = batch(2)
+        with torch.no_grad():
+            want = moe(ids, force=["fr", "py"], mix="hidden" if label != "PLE" else "probs").logits
+            assert torch.equal(pair.modules("en")(input_ids=ids).logits, want)
+        assert pair.active == moe.active_params(force=["fr", "py"])
+        assert not [r for r in moe_rows(label, moe, route, "oracle", 2) if " + py (" in r.row]  # no code_langs
+
+
 def test_loss_and_score_agree():
     moe = MoE(ple(), always(2))
     ids = batch(3)
@@ -265,6 +316,37 @@ def test_jeet_save_load_round_trip(tmp_path):
     with torch.no_grad():
         assert torch.equal(MoE(model)(ids, routing=r).logits, MoE(loaded)(ids, routing=r).logits)
     assert not list(tmp_path.glob("jeet/*.pt")) and not list(tmp_path.glob("jeet/*.bin"))
+
+
+@pytest.mark.parametrize("parts", [JEETParts(expert_wpe=True), JEETParts(expert_ln_f=True),
+                                   JEETParts(untied_head=True), PAPER_PARTS])
+def test_jeet_parts_round_trip_export_and_count(tmp_path, parts):
+    model = jeet(common=True, parts=parts)
+    with torch.no_grad():  # the head's bias starts at 0: make it count
+        for p in model.parameters():
+            p.add_(0.01 * torch.randn_like(p))
+    model.save(tmp_path / "jeet")
+    loaded = JEETModel.load(tmp_path / "jeet").eval()
+    assert loaded.cfg == model.cfg and loaded.cfg.parts == parts
+    names = set(loaded.state_dict())
+    assert ("wpe.fr.weight" in names) == parts.expert_wpe and ("wpe.weight" in names) != parts.expert_wpe
+    assert ("ln_f.common.weight" in names) == parts.expert_ln_f
+    assert ("lm_head.bias" in names) == parts.untied_head
+    ids, r = batch(4), routing([0, 1, UNKNOWN, 3])
+    with torch.no_grad():
+        assert torch.equal(MoE(model)(ids, routing=r).logits, MoE(loaded)(ids, routing=r).logits)
+        for name in ("fr", COMMON):  # the exported HF model carries the expert's own parts and the head
+            want = MoE(loaded)(ids, force=name, common=False).logits
+            torch.testing.assert_close(loaded.expert_lm(name).eval()(input_ids=ids).logits, want, rtol=0, atol=1e-5)
+    C, stack = TINY.n_embd, sum(p.numel() for p in model.stacks["fr"].parameters())
+    wpe, ln_f, head = TINY.n_positions * C, 2 * C, V * C + V
+    own = stack + wpe * parts.expert_wpe + ln_f * parts.expert_ln_f  # each member's
+    shared = V * C + wpe * (not parts.expert_wpe) + ln_f * (not parts.expert_ln_f) + head * parts.untied_head
+    moe = MoE(loaded)
+    assert moe.active_params(force="fr", common=False) == shared + own
+    assert moe.active_params() == shared + 2 * own  # routed: the expert + the common stack
+    assert moe.active_params(force=LANGS, common=False) == shared + 4 * own
+    assert moe.total_params() == shared + 5 * own
 
 
 def test_ple_from_directories(tmp_path):

@@ -83,10 +83,14 @@ def test_moe_stage_writes_the_whole_grid(tiny_run):
     assert meta["metrics"]["routing"] == "router"  # the pipeline trained the router before the MoE
     grid = pd.read_csv(run_dir / "moe" / "grid.csv")
     rows = set(zip(grid.model, grid.row))
-    per_moe = {"router top-1", "uniform average", "router top-2 mix"} | {f"expert {l} forced" for l in LANGS}
+    per_moe = {"router top-1", "uniform average (distribution mean)", "router top-2 mix"} | {
+        f"expert {l} forced" for l in LANGS}
+    shared_head = per_moe | {"uniform average (hidden mean)"}  # JEET and MoE-CE can average hidden states
     expected = {("teacher", "-"), ("multilingual student", "-"), ("no-KD students", "-")}
-    expected |= {(m, r) for m in ("PLE", "JEET", "MoE-CE") for r in per_moe}
-    expected |= {("MoE-CE", f"{r} + common") for r in per_moe} | {("MoE-CE", "common alone")}
+    expected |= {("PLE", r) for r in per_moe} | {(m, r) for m in ("JEET", "MoE-CE") for r in shared_head}
+    expected |= {("MoE-CE", f"{r} + common") for r in shared_head} | {("MoE-CE", "common alone")}
+    pairs = {"PLE": "(distribution mean)", "JEET": "(hidden mean)", "MoE-CE": "(hidden mean) + common"}
+    expected |= {(m, f"expert {l} + py {how}") for m, how in pairs.items() for l in ("en", "fr", "de")}
     assert rows == expected
     ppl = grid[[f"ppl/{l}" for l in LANGS]].to_numpy()
     assert (ppl > 1).all() and (grid.active_params <= grid.total_params).all() and (grid.eval_s >= 0).all()
@@ -140,8 +144,9 @@ def test_pipeline_report_has_every_section(tiny_run):
     report = (run_dir / "report.md").read_text()
     assert lines[-1] == f"report: {(run_dir / 'report.md').resolve()}"
     for title in ("Corpus", "Teacher", "Knowledge distillation", "Experts vs teacher", "KD sweep", "Router",
-                  "MoE evaluation grid", "Forgetting", "The paper's claims"):
+                  "MoE evaluation grid", "Forgetting", "The paper's claims", "Deviations from the paper"):
         assert f"## {title}\n" in report
+    assert "| JEET / MoE-CE position embedding | one per expert | shared by every expert |" in report  # tiny's config
     assert "not run (" not in report  # every section has its stage: the pipeline ran them all
     for png in ("teacher", "kd_losses", "kd_weights", "experts_vs_teacher", "moe_grid"):
         assert (run_dir / "plots" / f"{png}.png").is_file() and f"plots/{png}.png" in report
