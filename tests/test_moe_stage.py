@@ -28,7 +28,7 @@ from mome_ray.settings import load_settings
 from mome_ray.training import TrainConfig, build_optimizer, build_schedule
 from tests.conftest import copy_teacher_run, tiny_overrides
 
-pytestmark = pytest.mark.timeout(900)  # the shared tiny pipeline (experts, KD sweep, moe, forgetting) runs in the first test
+pytestmark = pytest.mark.timeout(1500)  # the shared tiny pipeline (experts, KD sweep, moe, forgetting) runs in the first test
 ROOT = Path(__file__).resolve().parents[1]
 LANGS = ["en", "fr", "de", "py"]
 SPANISH = ["El río atraviesa la ciudad vieja y el mercado está en la orilla izquierda",
