@@ -1,9 +1,13 @@
 """Knowledge-distillation divergences between student and teacher next-token distributions.
 
-Every function takes logits of shape (B, T, V) and an optional (B, T) mask (1 = count the position),
-computes in float32, and returns the mean over counted positions of the per-position divergence summed
-over the vocabulary. With a temperature τ both distributions are softened by τ and the result is scaled
-by τ² (Hinton et al.) so gradients keep their size.
+One core works on log-probabilities over a set of categories (the last dim): `DIVERGENCES[name](s, t)` gives
+the per-position divergence of student log-probs `s` from teacher log-probs `t`. Two front ends feed it:
+- `forward_kl(student_logits, teacher_logits, ...)` and its siblings: (B, T, V) logits of both models (online);
+- `cached_kd(name, student_logits, rows, ...)`: the student's logits and the teacher's cached `TeacherRows`
+  (its top-k log-probs, their ids and the log of the mass outside them; `logit_cache.py` stores them).
+Both compute in float32 and return the mean over counted positions ((B, T) `mask`, 1 = count) of the
+per-position divergence. With a temperature τ both distributions are softened by τ and the result is
+scaled by τ² (Hinton et al.) so gradients keep their size.
 
 Names say what is computed (PAPER.md: the paper's public code calls −Σ p_T log p_S "inverse KL"; it is
 the forward direction plus a constant):
@@ -17,19 +21,50 @@ the forward direction plus a constant):
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
+TAILS = ("bucket", "uniform", "sampled")  # how a top-k cache stands in for the teacher's mass outside the top k
 
-def _log_probs(logits: torch.Tensor, temperature: float) -> torch.Tensor:
-    return F.log_softmax(logits.float() / temperature, dim=-1)
+
+# --- the core: divergences between log-prob tensors over the last dim -------------------------------------
 
 
 def _kl(log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
     """Σ_v p (log p − log q) per position: (B, T). 0·log 0 counts as 0."""
     p = log_p.exp()
     return torch.where(p > 0, p * (log_p - log_q), torch.zeros_like(p)).sum(-1)
+
+
+def _mixture(log_a: torch.Tensor, log_b: torch.Tensor, weight_a: float) -> torch.Tensor:
+    """log(w·a + (1−w)·b), computed stably in log space."""
+    return torch.logsumexp(torch.stack([log_a + math.log(weight_a), log_b + math.log1p(-weight_a)]), dim=0)
+
+
+def _forward(s, t):
+    return _kl(t, s)
+
+
+def _reverse(s, t):
+    return _kl(s, t)
+
+
+def _jsd(s, t, beta: float = 0.5):
+    if not 0 < beta < 1:
+        raise ValueError(f"jsd beta must be in (0, 1), got {beta}")
+    m = _mixture(t, s, beta)
+    return beta * _kl(t, m) + (1 - beta) * _kl(s, m)
+
+
+def _skew(s, t, skew: float = 0.1):
+    if not 0 <= skew < 1:
+        raise ValueError(f"skew_kl skew must be in [0, 1), got {skew}")
+    return _kl(t, _mixture(t, s, skew) if skew > 0 else s)  # skew 0 is plain forward KL
+
+
+DIVERGENCES = {"reverse_kl": _reverse, "forward_kl": _forward, "jsd": _jsd, "skew_kl": _skew}
 
 
 def _reduce(per_position: torch.Tensor, mask: torch.Tensor | None, temperature: float) -> torch.Tensor:
@@ -41,39 +76,125 @@ def _reduce(per_position: torch.Tensor, mask: torch.Tensor | None, temperature: 
     return mean * temperature**2
 
 
+def log_probs(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    return F.log_softmax(logits.float() / temperature, dim=-1)
+
+
+# --- online: both models' logits ---------------------------------------------------------------------------
+
+
+def _online(name: str, student_logits, teacher_logits, mask=None, temperature: float = 1.0, **params):
+    s, t = log_probs(student_logits, temperature), log_probs(teacher_logits, temperature)
+    return _reduce(DIVERGENCES[name](s, t, **params), mask, temperature)
+
+
 def forward_kl(student_logits, teacher_logits, mask=None, temperature: float = 1.0) -> torch.Tensor:
     """KL(p_T ‖ p_S)."""
-    s, t = _log_probs(student_logits, temperature), _log_probs(teacher_logits, temperature)
-    return _reduce(_kl(t, s), mask, temperature)
+    return _online("forward_kl", student_logits, teacher_logits, mask, temperature)
 
 
 def reverse_kl(student_logits, teacher_logits, mask=None, temperature: float = 1.0) -> torch.Tensor:
     """KL(p_S ‖ p_T): the paper's KD loss."""
-    s, t = _log_probs(student_logits, temperature), _log_probs(teacher_logits, temperature)
-    return _reduce(_kl(s, t), mask, temperature)
-
-
-def _mixture(log_a: torch.Tensor, log_b: torch.Tensor, weight_a: float) -> torch.Tensor:
-    """log(w·a + (1−w)·b), computed stably in log space."""
-    return torch.logsumexp(torch.stack([log_a + math.log(weight_a), log_b + math.log1p(-weight_a)]), dim=0)
+    return _online("reverse_kl", student_logits, teacher_logits, mask, temperature)
 
 
 def jsd(student_logits, teacher_logits, mask=None, temperature: float = 1.0, beta: float = 0.5) -> torch.Tensor:
     """Generalised Jensen-Shannon divergence with teacher weight β in (0, 1)."""
-    if not 0 < beta < 1:
-        raise ValueError(f"jsd beta must be in (0, 1), got {beta}")
-    s, t = _log_probs(student_logits, temperature), _log_probs(teacher_logits, temperature)
-    m = _mixture(t, s, beta)
-    return _reduce(beta * _kl(t, m) + (1 - beta) * _kl(s, m), mask, temperature)
+    return _online("jsd", student_logits, teacher_logits, mask, temperature, beta=beta)
 
 
 def skew_kl(student_logits, teacher_logits, mask=None, temperature: float = 1.0, skew: float = 0.1) -> torch.Tensor:
     """Skew forward KL: KL(p_T ‖ λ·p_T + (1−λ)·p_S), λ = `skew` in [0, 1)."""
-    if not 0 <= skew < 1:
-        raise ValueError(f"skew_kl skew must be in [0, 1), got {skew}")
-    s, t = _log_probs(student_logits, temperature), _log_probs(teacher_logits, temperature)
-    m = _mixture(t, s, skew) if skew > 0 else s  # skew 0 is plain forward KL
-    return _reduce(_kl(t, m), mask, temperature)
+    return _online("skew_kl", student_logits, teacher_logits, mask, temperature, skew=skew)
 
 
 KD_LOSSES = {"reverse_kl": reverse_kl, "forward_kl": forward_kl, "jsd": jsd, "skew_kl": skew_kl}
+
+
+# --- cached: the teacher's top-k log-probs and its tail --------------------------------------------------
+
+
+@dataclass
+class TeacherRows:
+    """The teacher's next-token distribution at (B, T) positions, as `logit_cache` stores it.
+
+    logp:  (B, T, k) log-probs (temperature 1) of tokens `ids` (B, T, k); `ids` None means k = V, in id order
+           (then they may be logits: they are renormalised)
+    log_tail: (B, T) log of the mass outside `ids` (None with the full vocabulary)
+    tail_ids, tail_logp: (B, T, m) tokens sampled from the tail (without replacement) and their log-probs
+    """
+
+    logp: torch.Tensor
+    vocab: int
+    ids: torch.Tensor | None = None
+    log_tail: torch.Tensor | None = None
+    tail_ids: torch.Tensor | None = None
+    tail_logp: torch.Tensor | None = None
+
+    @property
+    def full(self) -> bool:
+        return self.ids is None
+
+    def to(self, device) -> TeacherRows:
+        move = lambda x: None if x is None else x.to(device, non_blocking=True)  # noqa: E731
+        return TeacherRows(move(self.logp), self.vocab, move(self.ids), move(self.log_tail), move(self.tail_ids),
+                           move(self.tail_logp))
+
+
+def cached_kd(name: str, student_logits: torch.Tensor, rows: TeacherRows, mask=None, temperature: float = 1.0,
+              tail: str = "bucket", **params) -> torch.Tensor:
+    """`name`'s divergence of the student (logits (B, T, V)) from the teacher's cached rows.
+
+    With the full vocabulary this is exactly the online loss. With the top k it depends on `tail`, how the
+    teacher's mass p_tail outside its top-k ids K stands in for the tail tokens it did not store:
+    - `bucket`: one extra category. The student's mass outside K, q_tail = Σ_{v∉K} q_v, is compared with
+      p_tail as if the tail were one token: divergences over k + 1 categories. It says nothing about how
+      either model spreads its mass inside the tail; by the log-sum inequality it under-estimates the
+      forward and reverse KL. Softening by τ treats the tail as V − k equal tokens.
+    - `uniform`: every tail token gets p_tail / (V − k). Full-vocabulary divergences of that distribution;
+      it also pulls the student's tail towards flat, which the real teacher's tail is not.
+    - `sampled`: m tail tokens sampled from the teacher (without replacement, ∝ p) keep their exact
+      log-probs, the rest of the tail mass is spread evenly over the remaining V − k − m tokens.
+    `params` are the divergence's own (`beta` for jsd, `skew` for skew_kl).
+    """
+    s = log_probs(student_logits, temperature)
+    if rows.full or tail in ("uniform", "sampled"):
+        t = _dense_teacher(rows, tail, temperature)
+    else:
+        s, t = _bucket(s, rows, temperature)
+    return _reduce(DIVERGENCES[name](s, t, **params), mask, temperature)
+
+
+def _dense_teacher(rows: TeacherRows, tail: str, temperature: float) -> torch.Tensor:
+    """(B, T, V) teacher log-probs: the stored ones, the tail filled in as `tail` says; softened by τ."""
+    logp = rows.logp.float()
+    if rows.full:
+        return F.log_softmax(logp / temperature, dim=-1)
+    k = rows.ids.shape[-1]
+    rest, known = rows.log_tail.float(), k
+    if tail == "sampled" and rows.tail_ids is not None:
+        # the mass of the tail tokens not sampled: p_tail − Σ_sampled p (clamped: fp16 rounding)
+        sampled = rows.tail_logp.float()
+        rest = torch.log((rest.exp() - sampled.exp().sum(-1)).clamp(min=1e-12))
+        known += rows.tail_ids.shape[-1]
+    out = (rest - math.log(max(rows.vocab - known, 1)))[..., None].expand(*rest.shape, rows.vocab).clone()
+    out.scatter_(-1, rows.ids.long(), logp)
+    if known > k:
+        out.scatter_(-1, rows.tail_ids.long(), sampled)
+    return F.log_softmax(out / temperature, dim=-1)  # renormalises the fp16 rounding
+
+
+def _bucket(s: torch.Tensor, rows: TeacherRows, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Student and teacher log-probs over the teacher's top k + one tail category: (B, T, k + 1) each."""
+    ids = rows.ids.long()
+    top = s.gather(-1, ids)
+    s_tail = s.scatter(-1, ids, float("-inf")).logsumexp(-1, keepdim=True)  # log Σ_{v∉K} q_v
+    n = rows.vocab - ids.shape[-1]  # tail tokens, each p_tail / n before softening
+    t_tail = math.log(n) + (rows.log_tail.float()[..., None] - math.log(n)) / temperature
+    t = F.log_softmax(torch.cat([rows.logp.float() / temperature, t_tail], -1), dim=-1)
+    return torch.cat([top, s_tail], -1), t
+
+
+def online_rows(teacher_logits: torch.Tensor) -> TeacherRows:
+    """A running teacher's (B, T, V) logits as full-vocabulary rows."""
+    return TeacherRows(teacher_logits, teacher_logits.shape[-1])
