@@ -109,7 +109,7 @@ def cache_language(cfg: LogitCacheConfig, lang: str, store: RunStore, block_size
                 log(f"[{STAGE} {lang}] {stop}/{n} blocks  {rate:,.1f} blocks/s  ETA {(n - stop) / rate:,.0f}s")
         for a in arrays.values():
             a.flush()
-        metrics = {"blocks": n, "block_size": block_size, "vocab": V, "top_k": k, "tail_samples": m,
+        metrics = {"blocks": n, "block_size": block_size, "vocab": V, "top_k": k, "tail": cfg.tail, "tail_samples": m,
                    "full": k == V, "bytes": _size(arrays), "seconds": round(time.perf_counter() - t0, 1)}
         del arrays
         return write_meta(out, STAGE, config, metrics, parents, seed)
@@ -188,7 +188,7 @@ class CachedTeacher:
         if any(m["metrics"]["block_size"] != block_size for m in metas):
             raise MomeError(f"cached teacher logits are for blocks of {metas[0]['metrics']['block_size']} tokens, "
                             f"this run reads {block_size}; run 'mome teacher-logits' with the same n_positions")
-        return cls(langs, caches, metas[0]["metrics"]["vocab"], metas[0]["config"][STAGE]["tail"])
+        return cls(langs, caches, metas[0]["metrics"]["vocab"], metas[0]["metrics"]["tail"])
 
     def train_limit(self, lang: str) -> int:
         """How many of `lang`'s first training blocks the cache covers: the blocks a student may train on."""

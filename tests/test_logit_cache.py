@@ -103,7 +103,7 @@ def test_a_kd_step_on_the_full_vocabulary_cache_is_the_online_step(name):
         (a, opt_a, sched_a), (b, opt_b, sched_b) = opts
         ce_a, kd_a = kd_step(a, OnlineTeacher(teacher), opt_a, sched_a, ids, None, 0.5, 0.5, name, 2.0, cfg, cpu)
         ce_b, kd_b = kd_step(b, cached, opt_b, sched_b, ids, batches.index(step), 0.5, 0.5, name, 2.0, cfg, cpu)
-        assert ce_a == ce_b and kd_b == pytest.approx(kd_a, rel=1e-5)
+        assert ce_b == pytest.approx(ce_a, rel=1e-6) and kd_b == pytest.approx(kd_a, rel=1e-5)
     moved = 0.0
     for pa, pb, p0 in zip(online_student.parameters(), cached_student.parameters(), _student().parameters()):
         torch.testing.assert_close(pa, pb, rtol=1e-5, atol=1e-6)
@@ -189,7 +189,7 @@ def test_the_cache_is_written_and_read_through_the_run_store(store, teacher_run,
         assert (rows.logp[..., :-1] >= rows.logp[..., 1:]).all()  # largest first
         tail = lp.scatter(-1, rows.ids.long(), float("-inf")).logsumexp(-1)
         torch.testing.assert_close(rows.log_tail, tail, atol=1e-4, rtol=1e-4)
-        assert not torch.isin(rows.tail_ids, rows.ids).any()  # sampled from the tail, not the top k
+        assert not (rows.tail_ids[..., :, None] == rows.ids[..., None, :]).any()  # from the tail, not the top k
     else:
         assert rows.ids is None and rows.logp.shape == (4, 63, model.config.vocab_size)
         torch.testing.assert_close(rows.logp.float(), lp, atol=2e-2, rtol=1e-3)
