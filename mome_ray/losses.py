@@ -158,30 +158,56 @@ def cached_kd(name: str, student_logits: torch.Tensor, rows: TeacherRows, mask=N
     `params` are the divergence's own (`beta` for jsd, `skew` for skew_kl).
     """
     s = log_probs(student_logits, temperature)
-    if rows.full or tail in ("uniform", "sampled"):
-        t = _dense_teacher(rows, tail, temperature)
-    else:
+    if rows.full:
+        t = F.log_softmax(rows.logp.float() / temperature, dim=-1)
+    elif tail == "bucket":
         s, t = _bucket(s, rows, temperature)
+    else:
+        known = _known(rows, tail, temperature)
+        if name in _SPARSE and known[-1]:  # the same divergence without building the (B, T, V) teacher
+            return _reduce(_SPARSE[name](s, *known), mask, temperature)
+        t = _dense(*known, s.shape[-1])
     return _reduce(DIVERGENCES[name](s, t, **params), mask, temperature)
 
 
-def _dense_teacher(rows: TeacherRows, tail: str, temperature: float) -> torch.Tensor:
-    """(B, T, V) teacher log-probs: the stored ones, the tail filled in as `tail` says; softened by τ."""
-    logp = rows.logp.float()
-    if rows.full:
-        return F.log_softmax(logp / temperature, dim=-1)
-    k = rows.ids.shape[-1]
-    rest, known = rows.log_tail.float(), k
+def _known(rows: TeacherRows, tail: str, temperature: float):
+    """The teacher as (log-probs (B, T, j) of tokens `ids` (B, T, j), log-prob (B, T) of each of the n other
+    tokens, n) under the `uniform` or `sampled` tail, softened by τ (each token's log-prob / τ, renormalised)."""
+    t, ids = rows.logp.float(), rows.ids.long()
+    rest = rows.log_tail.float().clamp(min=-80.0)  # log p_tail; a zero tail would give 0·(−inf)
     if tail == "sampled" and rows.tail_ids is not None:
-        # the mass of the tail tokens not sampled: p_tail − Σ_sampled p (clamped: fp16 rounding)
         sampled = rows.tail_logp.float()
-        rest = torch.log((rest.exp() - sampled.exp().sum(-1)).clamp(min=1e-12))
-        known += rows.tail_ids.shape[-1]
-    out = (rest - math.log(max(rows.vocab - known, 1)))[..., None].expand(*rest.shape, rows.vocab).clone()
-    out.scatter_(-1, rows.ids.long(), logp)
-    if known > k:
-        out.scatter_(-1, rows.tail_ids.long(), sampled)
-    return F.log_softmax(out / temperature, dim=-1)  # renormalises the fp16 rounding
+        rest = torch.log((rest.exp() - sampled.exp().sum(-1)).clamp(min=1e-30))  # fp16 rounding can overshoot
+        t, ids = torch.cat([t, sampled], -1), torch.cat([ids, rows.tail_ids.long()], -1)
+    n = rows.vocab - ids.shape[-1]
+    if n == 0:  # every token is known
+        t = F.log_softmax(t / temperature, dim=-1)
+        return t, ids, torch.full_like(rest, float("-inf")), 0
+    other = rest - math.log(n)  # each remaining token's share
+    log_z = torch.logsumexp(torch.cat([t / temperature, (other / temperature + math.log(n))[..., None]], -1), -1)
+    return t / temperature - log_z[..., None], ids, other / temperature - log_z, n
+
+
+def _dense(t: torch.Tensor, ids: torch.Tensor, other: torch.Tensor, n: int, vocab: int) -> torch.Tensor:
+    """(B, T, V) teacher log-probs: `other` everywhere, `t` at `ids`."""
+    return other[..., None].expand(*other.shape, vocab).clone().scatter_(-1, ids, t)
+
+
+def _forward_sparse(s, t, ids, other, n):
+    """KL(p_T ‖ p_S) = Σ_known p (t − s) + Σ_others p_o (t_o − s_v): the others' part needs only Σ_v s_v."""
+    s_known = s.gather(-1, ids)
+    p, p_other = t.exp(), other.exp()
+    others_s = s.sum(-1) - s_known.sum(-1)
+    return (p * (t - s_known)).sum(-1) + n * p_other * other - p_other * others_s
+
+
+def _reverse_sparse(s, t, ids, other, n):
+    """KL(p_S ‖ p_T) = Σ_v q_v s_v − Σ_known q t − t_o · (1 − Σ_known q): one pass over V for Σ q s."""
+    q_known = s.gather(-1, ids).exp()
+    return (s.exp() * s).sum(-1) - (q_known * t).sum(-1) - other * (1 - q_known.sum(-1))
+
+
+_SPARSE = {"forward_kl": _forward_sparse, "reverse_kl": _reverse_sparse}
 
 
 def _bucket(s: torch.Tensor, rows: TeacherRows, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:

@@ -79,6 +79,24 @@ def test_tail_bucket_against_a_hand_computation():
     assert cached_kd("forward_kl", student, rows, tail="uniform").item() == pytest.approx(kl(uniform, qu), rel=1e-5)
 
 
+@pytest.mark.parametrize("name", ["forward_kl", "reverse_kl"])
+@pytest.mark.parametrize("tail", ["uniform", "sampled"])
+def test_the_sparse_kls_equal_the_divergence_of_the_dense_teacher(name, tail):
+    """forward/reverse KL skip building the (B, T, V) teacher: same value and gradient as the dense one."""
+    from mome_ray.losses import _dense, _known, _reduce, log_probs
+
+    rows = top_k_rows(Tt, k=3, samples=2)
+    for tau in (1.0, 2.0):
+        fast = S.clone().requires_grad_()
+        cached_kd(name, fast, rows, temperature=tau, tail=tail).backward()
+        slow = S.clone().requires_grad_()
+        s = log_probs(slow, tau)
+        _reduce(DIVERGENCES[name](s, _dense(*_known(rows, tail, tau), V)), None, tau).backward()
+        assert cached_kd(name, S, rows, temperature=tau, tail=tail).item() == pytest.approx(
+            _reduce(DIVERGENCES[name](log_probs(S, tau), _dense(*_known(rows, tail, tau), V)), None, tau).item(), rel=1e-5)
+        torch.testing.assert_close(fast.grad, slow.grad, rtol=1e-4, atol=1e-6)
+
+
 def _student(seed=0):
     torch.manual_seed(seed)
     return build_gpt2(ModelConfig(n_layer=1, n_embd=32, n_head=2, n_positions=16), 64, 0, 1)
