@@ -17,11 +17,12 @@ from typing import ClassVar, Literal
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from mome_ray.alpha import AlphaConfig, AlphaSchedule
 from mome_ray.cluster import ScalingArgs
 from mome_ray.errors import MomeError
-from mome_ray.losses import KD_LOSSES, TeacherRows, cached_kd, online_rows
+from mome_ray.losses import KD_LOSSES, TeacherRows, kd_of_log_probs, log_probs, online_rows
 from mome_ray.models import ModelConfig
 from mome_ray.storage import RunStore
 from mome_ray.training import Progress, TrainConfig, autocast, clip_and_step, eval_metrics, lm_loss
@@ -62,12 +63,15 @@ def kd_step(model, teacher, opt, sched, ids: torch.Tensor, index: tuple[np.ndarr
     with autocast(device, train.bf16):
         logits = model(input_ids=ids).logits
         rows = None if teacher is None else teacher.rows(ids, index)
-    ce = lm_loss(logits, ids)
-    kd = None
-    if rows is not None:
-        # Position t predicts token t+1 in both models; the last position has no target, like CE.
+    if rows is None:
+        ce, kd = lm_loss(logits, ids), None
+    else:
+        # Position t predicts token t+1 in both models; the last position has no target, like CE. At τ = 1 CE
+        # reads the same student log-probs as KD (one log-softmax over the vocabulary, not two).
+        s = log_probs(logits[:, :-1], temperature)
+        ce = F.nll_loss(s.flatten(0, 1), ids[:, 1:].flatten()) if temperature == 1 else lm_loss(logits, ids)
         with torch.set_grad_enabled(beta > 0):
-            kd = cached_kd(kd_loss, logits[:, :-1], rows, temperature=temperature, tail=teacher.tail)
+            kd = kd_of_log_probs(kd_loss, s, rows, temperature=temperature, tail=teacher.tail)
     loss = alpha * ce  # ×1.0 is exact: α = 1, β = 0 gives the same gradients as plain CE
     if kd is not None and beta > 0:
         loss = loss + beta * kd

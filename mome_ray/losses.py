@@ -77,7 +77,8 @@ def _reduce(per_position: torch.Tensor, mask: torch.Tensor | None, temperature: 
 
 
 def log_probs(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
-    return F.log_softmax(logits.float() / temperature, dim=-1)
+    logits = logits.float()
+    return F.log_softmax(logits / temperature if temperature != 1 else logits, dim=-1)  # ÷1 is a wasted pass
 
 
 # --- online: both models' logits ---------------------------------------------------------------------------
@@ -157,7 +158,12 @@ def cached_kd(name: str, student_logits: torch.Tensor, rows: TeacherRows, mask=N
       log-probs, the rest of the tail mass is spread evenly over the remaining V − k − m tokens.
     `params` are the divergence's own (`beta` for jsd, `skew` for skew_kl).
     """
-    s = log_probs(student_logits, temperature)
+    return kd_of_log_probs(name, log_probs(student_logits, temperature), rows, mask, temperature, tail, **params)
+
+
+def kd_of_log_probs(name: str, s: torch.Tensor, rows: TeacherRows, mask=None, temperature: float = 1.0,
+                    tail: str = "bucket", **params) -> torch.Tensor:
+    """`cached_kd` from the student's log-probs `s` at temperature τ (a KD step shares them with its CE at τ = 1)."""
     if rows.full:
         t = F.log_softmax(rows.logp.float() / temperature, dim=-1)
     elif tail == "bucket":
