@@ -171,7 +171,7 @@ def kd_of_log_probs(name: str, s: torch.Tensor, rows: TeacherRows, mask=None, te
     else:
         known = _known(rows, tail, temperature)
         if name in _SPARSE and known[-1]:  # the same divergence without building the (B, T, V) teacher
-            return _reduce(_SPARSE[name](s, *known), mask, temperature)
+            return _reduce(_SparseKL.apply(s, *known, _SPARSE[name]), mask, temperature)
         t = _dense(*known, s.shape[-1])
     return _reduce(DIVERGENCES[name](s, t, **params), mask, temperature)
 
@@ -199,21 +199,43 @@ def _dense(t: torch.Tensor, ids: torch.Tensor, other: torch.Tensor, n: int, voca
     return other[..., None].expand(*other.shape, vocab).clone().scatter_(-1, ids, t)
 
 
-def _forward_sparse(s, t, ids, other, n):
-    """KL(p_T ‖ p_S) = Σ_known p (t − s) + Σ_others p_o (t_o − s_v): the others' part needs only Σ_v s_v."""
-    s_known = s.gather(-1, ids)
-    p, p_other = t.exp(), other.exp()
-    others_s = s.sum(-1) - s_known.sum(-1)
-    return (p * (t - s_known)).sum(-1) + n * p_other * other - p_other * others_s
+class _SparseKL(torch.autograd.Function):
+    """KL between the student's log-probs s (B, T, V) and a teacher known at `ids` (log-probs t (B, T, j)) with
+    log-prob `other` (B, T) for each of the n other tokens, per position: (B, T). Its gradient is written out
+    (one pass over V) rather than left to autograd (some ten passes): a cached step should cost about a CE step.
+
+        forward KL(p_T ‖ p_S) = Σ_known p (t − s) + Σ_others p_o (o − s_v)   needs only Σ_v s_v over V
+        reverse KL(p_S ‖ p_T) = Σ_v q_v s_v − Σ_known q t − o · (1 − Σ_known q)
+    """
+
+    @staticmethod
+    def forward(ctx, s, t, ids, other, n: int, reverse: bool):
+        s_known = s.gather(-1, ids)
+        ctx.reverse, ctx.vocab = reverse, s.shape[-1]
+        if reverse:
+            q, q_known = s.exp(), s_known.exp()
+            ctx.save_for_backward(s, q, t, ids, other)
+            return torch.linalg.vecdot(q, s) - (q_known * t).sum(-1) - other * (1 - q_known.sum(-1))
+        p, p_other = t.exp(), other.exp()
+        ctx.save_for_backward(p, ids, p_other)
+        return (p * (t - s_known)).sum(-1) + n * p_other * other - p_other * (s.sum(-1) - s_known.sum(-1))
+
+    @staticmethod
+    def backward(ctx, g):
+        g = g[..., None]
+        if ctx.reverse:  # ∂/∂s_v = q_v (s_v + 1), and at known v also q_v (o − t_v)
+            s, q, t, ids, other = ctx.saved_tensors
+            grad = (s + 1).mul_(q)
+            q_known = q.gather(-1, ids)
+            grad.scatter_add_(-1, ids, q_known * (other[..., None] - t))
+            return grad.mul_(g), None, None, None, None, None
+        p, ids, p_other = ctx.saved_tensors  # ∂/∂s_v = −p_v: p_o for the others, p at known v
+        grad = (-(p_other[..., None] * g)).expand(*p_other.shape, ctx.vocab).clone()
+        grad.scatter_(-1, ids, -p * g)
+        return grad, None, None, None, None, None
 
 
-def _reverse_sparse(s, t, ids, other, n):
-    """KL(p_S ‖ p_T) = Σ_v q_v s_v − Σ_known q t − t_o · (1 − Σ_known q): one pass over V for Σ q s."""
-    q_known = s.gather(-1, ids).exp()
-    return (s.exp() * s).sum(-1) - (q_known * t).sum(-1) - other * (1 - q_known.sum(-1))
-
-
-_SPARSE = {"forward_kl": _forward_sparse, "reverse_kl": _reverse_sparse}
+_SPARSE = {"forward_kl": False, "reverse_kl": True}  # divergence -> _SparseKL(reverse=...)
 
 
 def _bucket(s: torch.Tensor, rows: TeacherRows, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
