@@ -238,3 +238,12 @@ def test_the_stage_is_skipped_cheaply_when_no_kd_run_reads_it(store, tiny_tokeni
     assert meta["config"]["used_by"] == []
     with pytest.raises(MomeError, match="was skipped"):
         check_cache(store, ["en"], 64, store.meta("teacher")["created"], "distill")
+
+
+def test_the_command_on_a_run_without_a_teacher_says_what_to_run(tiny_tokenized, capsys):
+    from mome_ray.cli import main
+
+    config = Path(__file__).resolve().parents[1] / "configs/tiny.yaml"
+    assert main(["teacher-logits", "--config", str(config), f"run_dir={tiny_tokenized.run_dir}"]) == 2
+    err = capsys.readouterr().err
+    assert "no 'teacher' artifact" in err and "run 'mome teacher" in err and "Traceback" not in err
