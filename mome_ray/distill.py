@@ -92,8 +92,9 @@ def train_fn_per_worker(config: dict) -> None:
     T = cfg.model.n_positions
 
     # The CE-only students train on the same blocks as the KD ones (those a cached teacher covers).
-    teacher = kd_teacher(cfg, store, student.langs, tok_dir, device)
-    batches = BalancedBatches([load_blocks(tok_dir, "train", l, T, teacher.train_limit(l)) for l in student.langs],
+    teacher = kd_teacher(cfg, store, student.langs, tok_dir, device) if student.kd or cfg.teacher == "cached" else None
+    limit = teacher.train_limit if teacher else lambda lang: 0
+    batches = BalancedBatches([load_blocks(tok_dir, "train", l, T, limit(l)) for l in student.langs],
                               cfg.train.batch_size, seed, rank, world)
     val = {l: eval_blocks(load_blocks(tok_dir, "val", l, T), cfg.train.eval_blocks, rank, world)
            for l in student.langs}
