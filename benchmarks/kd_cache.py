@@ -1,6 +1,7 @@
 """Cached vs online teacher in KD: step time and the final test perplexity of one expert, side by side.
 
-    python benchmarks/kd_cache.py [--run-dir runs/small] [--lang en] [--tails sampled,uniform,bucket]
+    python benchmarks/kd_cache.py [--run-dir runs/small] [--lang en] [--time bucket,bucket+s,uniform+s]
+                                  [--train online,bucket+s] [teacher_logits.max_blocks=1600 ...]
 
 Needs a run dir with the tokenizer and teacher stages of the `small` preset. In one process, no Ray, one thread
 (a student worker's `cpus_per_worker: 1`):
@@ -85,8 +86,10 @@ def main() -> None:
     ap.add_argument("--config", default=str(ROOT / "configs/small.yaml"))
     ap.add_argument("--run-dir", default=str(ROOT / "runs/small"))
     ap.add_argument("--lang", default="en")
-    ap.add_argument("--tails", default="sampled,uniform,bucket", help="tail treatments to time")
-    ap.add_argument("--train-tails", default="sampled", help="tail treatments to train an expert with")
+    ap.add_argument("--time", default="bucket,bucket+s,uniform+s",
+                    help="cache treatments to time: a tail (bucket, uniform), '+s' = with the sampled tail tokens")
+    ap.add_argument("--train", default="online,bucket+s", help="teachers to train the expert with (online, CE, or "
+                    "a treatment as in --time)")
     ap.add_argument("--kd-loss", default="", help="default: the config's distill.kd_loss")
     ap.add_argument("--top-k", type=int, default=-1, help="default: the config's teacher_logits.top_k")
     ap.add_argument("--rounds", type=int, default=4, help="timing rounds (each: --steps steps of every teacher)")
@@ -122,19 +125,21 @@ def main() -> None:
     print(f"cache: {cached.train_limit(lang)} blocks of {lang}, top {k} + tail, in {cache_s:.0f} s "
           f"(0 s if it was up to date)\n")
 
-    tails = [t for t in args.tails.split(",") if t]
-    tails += [t for t in args.train_tails.split(",") if t and t not in tails]
-    teachers = {"online": online, **{f"cached ({t})": _tailed(cached, t) for t in tails}, "CE only": None}
+    timed = [t for t in args.time.split(",") if t]
+    trained = [t for t in args.train.split(",") if t]
+    teachers = {"online": online, "CE": None}
+    teachers |= {t: _treated(cached, t) for t in timed + trained if t not in teachers}
 
     # --- 2. step time
-    times = step_times(cfg, tok, batches, teachers, args.rounds, args.steps)
-    ce_s = times["CE only"]
-    print(f"KD step time (CPU seconds, median of {args.rounds * args.steps} warm steps, batch {cfg.train.batch_size} "
-          f"x {T}, 1 thread):")
-    print(f"{'teacher':<20}{'s/step':>9}{'/ online':>10}{'/ CE step':>11}")
-    for name, s in times.items():
-        print(f"{name:<20}{s:>9.3f}{s / times['online']:>10.2f}{s / ce_s:>11.2f}")
-    if args.no_train:
+    times = step_times(cfg, tok, batches, {t: teachers[t] for t in ["online", *timed, "CE"]}, args.rounds,
+                       args.steps) if args.rounds else {}
+    if times:
+        print(f"KD step time (CPU seconds, median of {args.rounds * args.steps} warm steps, batch "
+              f"{cfg.train.batch_size} x {T}, 1 thread; 'cached X': tail treatment X, '+s' with sampled tail tokens):")
+        print(f"{'teacher':<20}{'s/step':>9}{'/ online':>10}{'/ CE step':>11}")
+        for name, sec in times.items():
+            print(f"{_label(name):<20}{sec:>9.3f}{sec / times['online']:>10.2f}{sec / times['CE']:>11.2f}")
+    if not trained:
         return
 
     # --- 3. quality: the expert trained with each teacher, same seed, steps and batches
@@ -142,19 +147,22 @@ def main() -> None:
     print(f"\nexpert '{lang}': {cfg.train.max_steps} steps, seed {settings.seed}, test perplexity on all "
           f"{len(test[lang])} test blocks:")
     ppl = {}
-    trained = ["online", *(f"cached ({t})" for t in args.train_tails.split(",") if t)]
-    for name, teacher in teachers.items():
-        if name not in trained:
-            continue
+    for name in trained:
         t0 = time.perf_counter()
-        ppl[name] = train_expert(cfg, tok, batches, teacher, test, settings.seed)
-        print(f"{name:<20}{ppl[name]:>10.2f}  ratio to online {ppl[name] / ppl['online']:.4f}  "
-              f"({time.perf_counter() - t0:.0f} s)", flush=True)
+        ppl[name] = train_expert(cfg, tok, batches, teachers[name], test, settings.seed)
+        ratio = f"  ratio to online {ppl[name] / ppl['online']:.4f}" if "online" in ppl else ""
+        print(f"{_label(name):<20}{ppl[name]:>10.2f}{ratio}  ({time.perf_counter() - t0:.0f} s)", flush=True)
 
 
-def _tailed(cached: CachedTeacher, tail: str) -> CachedTeacher:
-    """The same cache read with another tail treatment."""
-    return CachedTeacher(list(cached.limits), cached.caches, cached.vocab, tail)
+def _label(name: str) -> str:
+    return name if name in ("online", "CE") else f"cached {name}"
+
+
+def _treated(cached: CachedTeacher, treatment: str) -> CachedTeacher:
+    """The same cache read with tail treatment `bucket` / `uniform`, with the sampled tail tokens if '+s'."""
+    tail, samples = treatment.removesuffix("+s"), treatment.endswith("+s")
+    caches = [{k: v for k, v in c.items() if samples or not k.startswith("tail_")} for c in cached.caches]
+    return CachedTeacher(list(cached.limits), caches, cached.vocab, tail)
 
 
 if __name__ == "__main__":

@@ -40,9 +40,9 @@ class KDRecipe:
     kd_loss: str = "reverse_kl"  # reverse_kl (the paper's stated loss), forward_kl, jsd, skew_kl
     temperature: float = 1.0  # softens both distributions in the KD term (with τ² scaling)
     max_parallel: int = 0  # runs at once (0 = as many as the cluster fits)
-    # cached: read the teacher's log-probs from the `teacher_logits` stage (computed once, see its config
-    # section); online: run the teacher again on every batch of every KD run
-    teacher: Literal["cached", "online"] = "cached"
+    # online: run the teacher on every batch of every KD run; cached: read its log-probs from the `teacher_logits`
+    # stage (computed once; 2x faster steps, but top-k KD loses quality: BENCHMARKS.md, "KD with cached teacher logits")
+    teacher: Literal["online", "cached"] = "online"
     section: ClassVar[str] = "distill"
 
     def __post_init__(self):

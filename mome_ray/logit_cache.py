@@ -40,8 +40,8 @@ ARRAYS = ("logp", "ids", "log_tail", "tail_ids", "tail_logp")
 @dataclass
 class LogitCacheConfig:
     top_k: int = 32  # log-probs kept per position (0, or >= the vocabulary: the full vocabulary)
-    tail: str = "sampled"  # how KD stands in for the mass outside the top k: bucket, uniform, sampled (losses.cached_kd)
-    tail_samples: int = 8  # tail tokens sampled per position and kept with their log-probs (tail: sampled)
+    tail_samples: int = 8  # tail tokens also kept per position, sampled from the teacher ∝ p (without replacement)
+    tail: str = "bucket"  # how KD stands in for the rest of the vocabulary: bucket or uniform (losses.cached_kd)
     max_blocks: int = 0  # training blocks cached per language, the first ones (0 = all); students train on these
     batch_size: int = 32  # blocks per teacher forward pass
 
@@ -55,8 +55,6 @@ class LogitCacheConfig:
                 raise MomeError(f"teacher_logits.{name} must be >= 0, got {getattr(self, name)}")
         if self.batch_size < 1:
             raise MomeError(f"teacher_logits.batch_size must be >= 1, got {self.batch_size}")
-        if self.tail == "sampled" and self.tail_samples == 0 and self.top_k:
-            raise MomeError("teacher_logits.tail 'sampled' needs tail_samples >= 1 (or tail: uniform / bucket)")
 
 
 def users(cfg) -> list[str]:
@@ -89,7 +87,7 @@ def cache_language(cfg: LogitCacheConfig, lang: str, store: RunStore, block_size
     blocks = load_blocks(tok_dir, "train", lang, block_size, cfg.max_blocks)
     n, T, V = len(blocks), block_size - 1, teacher.config.vocab_size
     k = V if cfg.top_k == 0 or cfg.top_k >= V else cfg.top_k
-    m = min(cfg.tail_samples, V - k) if cfg.tail == "sampled" else 0
+    m = min(cfg.tail_samples, V - k)
     gen = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(lang.encode()))
     t0 = time.perf_counter()
     with stage_writer(store, name) as out:

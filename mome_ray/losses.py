@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-TAILS = ("bucket", "uniform", "sampled")  # how a top-k cache stands in for the teacher's mass outside the top k
+TAILS = ("bucket", "uniform")  # how a top-k cache stands in for the teacher's mass outside the tokens it stored
 
 
 # --- the core: divergences between log-prob tensors over the last dim -------------------------------------
@@ -146,17 +146,18 @@ def cached_kd(name: str, student_logits: torch.Tensor, rows: TeacherRows, mask=N
               tail: str = "bucket", **params) -> torch.Tensor:
     """`name`'s divergence of the student (logits (B, T, V)) from the teacher's cached rows.
 
-    With the full vocabulary this is exactly the online loss. With the top k it depends on `tail`, how the
-    teacher's mass p_tail outside its top-k ids K stands in for the tail tokens it did not store:
-    - `bucket`: one extra category. The student's mass outside K, q_tail = Σ_{v∉K} q_v, is compared with
-      p_tail as if the tail were one token: divergences over k + 1 categories. It says nothing about how
-      either model spreads its mass inside the tail; by the log-sum inequality it under-estimates the
-      forward and reverse KL. Softening by τ treats the tail as V − k equal tokens.
-    - `uniform`: every tail token gets p_tail / (V − k). Full-vocabulary divergences of that distribution;
-      it also pulls the student's tail towards flat, which the real teacher's tail is not.
-    - `sampled`: m tail tokens sampled from the teacher (without replacement, ∝ p) keep their exact
-      log-probs, the rest of the tail mass is spread evenly over the remaining V − k − m tokens.
-    `params` are the divergence's own (`beta` for jsd, `skew` for skew_kl).
+    With the full vocabulary this is exactly the online loss. Otherwise the teacher is known exactly on the
+    tokens the cache stored for a position, K: its top k, plus the m tail tokens it sampled ∝ p (without
+    replacement) when `teacher_logits.tail_samples` > 0. `tail` says how the rest of the vocabulary, R, with
+    the teacher's remaining mass p_R, stands in for the teacher's distribution there:
+    - `bucket`: R is one extra category. The student's mass on R, q_R = Σ_{v∈R} q_v, is compared with p_R as
+      if R were one token: divergences over |K| + 1 categories. It says nothing about how either model
+      spreads its mass inside R (KD leaves that shape to CE); by the log-sum inequality it under-estimates
+      the forward and reverse KL.
+    - `uniform`: every token of R gets p_R / |R|: full-vocabulary divergences of that distribution. It also
+      pulls the student's mass inside R towards flat, which the real teacher's is not.
+    Softening by τ treats R as |R| equal tokens. `params` are the divergence's own (`beta` for jsd, `skew`
+    for skew_kl).
     """
     return kd_of_log_probs(name, log_probs(student_logits, temperature), rows, mask, temperature, tail, **params)
 
@@ -166,32 +167,40 @@ def kd_of_log_probs(name: str, s: torch.Tensor, rows: TeacherRows, mask=None, te
     """`cached_kd` from the student's log-probs `s` at temperature τ (a KD step shares them with its CE at τ = 1)."""
     if rows.full:
         t = F.log_softmax(rows.logp.float() / temperature, dim=-1)
-    elif tail == "bucket":
-        s, t = _bucket(s, rows, temperature)
     else:
-        known = _known(rows, tail, temperature)
-        if name in _SPARSE and known[-1]:  # the same divergence without building the (B, T, V) teacher
+        known = _known(rows, temperature)
+        if not known[-1]:  # every token is known
+            t = _dense(*known, s.shape[-1])
+        elif tail == "bucket":
+            s, t = _bucket(s, *known)
+        elif name in _SPARSE:  # the same divergence without building the (B, T, V) teacher
             return _reduce(_SparseKL.apply(s, *known, _SPARSE[name]), mask, temperature)
-        t = _dense(*known, s.shape[-1])
+        else:
+            t = _dense(*known, s.shape[-1])
     return _reduce(DIVERGENCES[name](s, t, **params), mask, temperature)
 
 
-def _known(rows: TeacherRows, tail: str, temperature: float):
-    """The teacher as (log-probs (B, T, j) of tokens `ids` (B, T, j), log-prob (B, T) of each of the n other
-    tokens, n) under the `uniform` or `sampled` tail, softened by τ (each token's log-prob / τ, renormalised)."""
+def _known(rows: TeacherRows, temperature: float):
+    """The teacher as (log-probs (B, T, j) of the stored tokens `ids` (B, T, j), log-prob (B, T) of each of the
+    n others if they shared the rest evenly, n), softened by τ (each token's log-prob / τ, renormalised)."""
     t, ids = rows.logp.float(), rows.ids.long()
     rest = rows.log_tail.float().clamp(min=-80.0)  # log p_tail; a zero tail would give 0·(−inf)
-    if tail == "sampled" and rows.tail_ids is not None:
+    if rows.tail_ids is not None:
         sampled = rows.tail_logp.float()
         rest = torch.log((rest.exp() - sampled.exp().sum(-1)).clamp(min=1e-30))  # fp16 rounding can overshoot
         t, ids = torch.cat([t, sampled], -1), torch.cat([ids, rows.tail_ids.long()], -1)
     n = rows.vocab - ids.shape[-1]
-    if n == 0:  # every token is known
-        t = F.log_softmax(t / temperature, dim=-1)
-        return t, ids, torch.full_like(rest, float("-inf")), 0
+    if n == 0:
+        return F.log_softmax(t / temperature, dim=-1), ids, torch.full_like(rest, float("-inf")), 0
     other = rest - math.log(n)  # each remaining token's share
     log_z = torch.logsumexp(torch.cat([t / temperature, (other / temperature + math.log(n))[..., None]], -1), -1)
     return t / temperature - log_z[..., None], ids, other / temperature - log_z, n
+
+
+def _bucket(s, t, ids, other, n) -> tuple[torch.Tensor, torch.Tensor]:
+    """Student and teacher log-probs over the known tokens + one category for the rest: (B, T, j + 1) each."""
+    s_rest = s.scatter(-1, ids, float("-inf")).logsumexp(-1, keepdim=True)  # log Σ_{v∈R} q_v
+    return torch.cat([s.gather(-1, ids), s_rest], -1), torch.cat([t, (other + math.log(n))[..., None]], -1)
 
 
 def _dense(t: torch.Tensor, ids: torch.Tensor, other: torch.Tensor, n: int, vocab: int) -> torch.Tensor:
@@ -236,17 +245,6 @@ class _SparseKL(torch.autograd.Function):
 
 
 _SPARSE = {"forward_kl": False, "reverse_kl": True}  # divergence -> _SparseKL(reverse=...)
-
-
-def _bucket(s: torch.Tensor, rows: TeacherRows, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Student and teacher log-probs over the teacher's top k + one tail category: (B, T, k + 1) each."""
-    ids = rows.ids.long()
-    top = s.gather(-1, ids)
-    s_tail = s.scatter(-1, ids, float("-inf")).logsumexp(-1, keepdim=True)  # log Σ_{v∉K} q_v
-    n = rows.vocab - ids.shape[-1]  # tail tokens, each p_tail / n before softening
-    t_tail = math.log(n) + (rows.log_tail.float()[..., None] - math.log(n)) / temperature
-    t = F.log_softmax(torch.cat([rows.logp.float() / temperature, t_tail], -1), dim=-1)
-    return torch.cat([top, s_tail], -1), t
 
 
 def online_rows(teacher_logits: torch.Tensor) -> TeacherRows:
