@@ -9,8 +9,8 @@ Needs a run dir with the tokenizer and teacher stages of the `small` preset. In 
 2. times warm KD steps (CPU time of this process: other load on the machine does not count) of the same student
    on the same batches: online (the teacher runs), cached (each tail treatment) and CE only (no teacher);
 3. trains the expert of `--lang` from the same seed for `distill.train.max_steps` steps on the same batches,
-   online and with each of `--train-tails`, and scores it on the whole test split.
-Targets: cached step close to a CE step; perplexity cached / online within 1 %.
+   with each teacher of `--train`, and scores it on the whole test split.
+Targets: cached step close to a CE step; perplexity cached / online within 1 %. Results: BENCHMARKS.md.
 """
 
 from __future__ import annotations
