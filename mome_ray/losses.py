@@ -199,8 +199,10 @@ def _known(rows: TeacherRows, temperature: float):
 
 def _bucket(s, t, ids, other, n) -> tuple[torch.Tensor, torch.Tensor]:
     """Student and teacher log-probs over the known tokens + one category for the rest: (B, T, j + 1) each."""
-    s_rest = s.scatter(-1, ids, float("-inf")).logsumexp(-1, keepdim=True)  # log Σ_{v∈R} q_v
-    return torch.cat([s.gather(-1, ids), s_rest], -1), torch.cat([t, (other + math.log(n))[..., None]], -1)
+    s_known = s.gather(-1, ids)
+    # log q_R = log(1 − Σ_known q): from the j known entries, no pass over V (in float64: good to q_R ≈ 1e-6)
+    s_rest = (1 - s_known.double().exp().sum(-1, keepdim=True)).clamp(min=1e-12).log().float()
+    return torch.cat([s_known, s_rest], -1), torch.cat([t, (other + math.log(n))[..., None]], -1)
 
 
 def _dense(t: torch.Tensor, ids: torch.Tensor, other: torch.Tensor, n: int, vocab: int) -> torch.Tensor:
