@@ -136,11 +136,6 @@ class TeacherRows:
     def full(self) -> bool:
         return self.ids is None
 
-    def to(self, device) -> TeacherRows:
-        move = lambda x: None if x is None else x.to(device, non_blocking=True)  # noqa: E731
-        return TeacherRows(move(self.logp), self.vocab, move(self.ids), move(self.log_tail), move(self.tail_ids),
-                           move(self.tail_logp))
-
 
 def cached_kd(name: str, student_logits: torch.Tensor, rows: TeacherRows, mask=None, temperature: float = 1.0,
               tail: str = "bucket", **params) -> torch.Tensor:
