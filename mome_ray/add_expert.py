@@ -6,7 +6,8 @@
    `corpus` settings), then encoded with the run's fixed tokenizer into RUN_DIR/tokenizer/tokens/<split>/<lang>.npy
    (new files beside the others; the tokenizer itself does not change).
 2. One KD expert is distilled from the teacher (`distill`, the run's `distill` settings, no baselines) into
-   RUN_DIR/experts/<lang>/. No other expert's files are opened for writing.
+   RUN_DIR/experts/<lang>/ (with `distill.teacher: cached`, after caching the teacher's logits of the new
+   language in RUN_DIR/teacher_logits/<lang>/). No other expert's files are opened for writing.
 3. If the run has a router, it is retrained on every language, the new one included (the `router` stage).
 4. A new MoE artifact RUN_DIR/moe_plus_<lang>/: the PLE over every expert (ple.json) and its grid rows
    (router or oracle top-1, each expert forced, ...) on every language. JEET and MoE-CE share trained
@@ -90,6 +91,12 @@ def add_expert(cfg, lang: str, source: str | Path, log=print) -> dict:
 
     data = encode_language(cfg, lang, source, log)
     init_ray(cfg.ray)
+    if cfg.distill.teacher == "cached":  # the new language's teacher logits, beside the others
+        from mome_ray.logit_cache import cache_language
+        from mome_ray.stages import stage_config
+
+        cache_language(cfg.teacher_logits, lang, store, cfg.distill.model.n_positions,
+                       stage_config(cfg, "teacher_logits"), parents_of(store, "teacher_logits"), cfg.seed, log)
     distill = dataclasses.replace(cfg.distill, langs=[lang], baselines=False)
     distill_students(distill, langs, store, cfg.ray, parents_of(store, "experts"), cfg.seed, log=log)
     router = retrain_router(cfg, langs, log)

@@ -3,6 +3,7 @@
     RUN_DIR/corpus/      data/ (HF datasets), manifest.json
     RUN_DIR/tokenizer/   HF tokenizer files, tokens/<split>/<lang>.npy
     RUN_DIR/teacher/     model.safetensors + config.json (AutoModelForCausalLM), tokenizer files
+    RUN_DIR/teacher_logits/  <lang>/ (the teacher's top-k log-probs of the training blocks, `logit_cache`)
     RUN_DIR/experts/     <lang>/, nokd-<lang>/, multilingual/ (each a model artifact with its own meta.json),
                          eval.csv + eval.md, and meta.json of the whole stage (written last)
     RUN_DIR/router/      router.skops + router.json (mome_ray.router.load_router), confusion.png
@@ -30,6 +31,7 @@ MAKES = {
     "corpus": "mome corpus build",
     "tokenizer": "mome tokenizer",
     "teacher": "mome teacher",
+    "teacher_logits": "mome teacher-logits",
     "experts": "mome distill",
     "sweep_kd": "mome sweep kd",
     "router": "mome router",

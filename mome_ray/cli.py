@@ -4,6 +4,7 @@
     mome corpus build --config configs/small.yaml
     mome tokenizer    --config configs/small.yaml
     mome teacher      --config configs/small.yaml teacher.train.max_steps=100
+    mome teacher-logits --config configs/small.yaml teacher_logits.top_k=64
     mome distill      --config configs/small.yaml distill.langs=[fr] distill.alpha.strategy=adaptive
     mome sweep kd     --config configs/small.yaml
     mome router       --config configs/small.yaml
@@ -56,6 +57,8 @@ def _parser() -> argparse.ArgumentParser:
     stage("tokenizer", "train the byte-level BPE tokenizer on all languages into RUN_DIR/tokenizer")
     t = stage("teacher", "train the GPT-2 teacher with Ray Train (DDP) into RUN_DIR/teacher")
     t.add_argument("--fresh", action="store_true", help="ignore an interrupted run's checkpoints")
+    stage("teacher-logits", "cache the teacher's top-k log-probs of the training blocks into RUN_DIR/teacher_logits "
+                            "(read by KD runs with distill.teacher=cached)")
     stage("router", "train the sequence -> language router into RUN_DIR/router and print its metrics")
     d = stage("distill", "distil one expert per language from the teacher, in parallel, into RUN_DIR/experts")
     d.add_argument("--fresh", action="store_true", help="re-train every student, ignoring finished and "
@@ -118,6 +121,8 @@ def main(argv: list[str] | None = None) -> int:
             stages.tokenizer(cfg)
         elif args.cmd == "teacher":
             stages.teacher(cfg, fresh=args.fresh)
+        elif args.cmd == "teacher-logits":
+            stages.teacher_logits(cfg)
         elif args.cmd == "router":
             stages.router(cfg)
         elif args.cmd == "distill":

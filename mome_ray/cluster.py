@@ -151,17 +151,24 @@ def on_cluster(fn, *args, cpus: float = 1, gpus: float = 0, name: str = "", log=
     """`fn(*args, log=log)` as a Ray task holding `cpus`/`gpus` (heavy work stays off the driver's node, which
     may be a head with no CPUs); a local run without Ray calls it here. A task logs with `print` (its lines
     reach the driver); Ctrl-C cancels it."""
+    return on_cluster_map(fn, [args], cpus=cpus, gpus=gpus, name=name, log=log)[0]
+
+
+def on_cluster_map(fn, arg_lists: list[tuple], cpus: float = 1, gpus: float = 0, name: str = "", log=print) -> list:
+    """`fn(*args, log=log)` for every `args` of `arg_lists`, as concurrent Ray tasks (as many at once as the
+    cluster fits), like `on_cluster`; returns their results in order."""
     import ray
 
     if not ray.is_initialized() and not os.environ.get("RAY_ADDRESS"):
-        return fn(*args, log=log)
+        return [fn(*args, log=log) for args in arg_lists]
     init_ray()
     task = ray.remote(fn).options(num_cpus=cpus, num_gpus=gpus, name=name or fn.__name__, max_retries=0)
-    ref = task.remote(*args, log=print)
+    refs = [task.remote(*args, log=print) for args in arg_lists]
     try:
-        return ray.get(ref)
+        return ray.get(refs)
     except KeyboardInterrupt:
-        ray.cancel(ref, force=True)
+        for ref in refs:
+            ray.cancel(ref, force=True)
         raise
 
 

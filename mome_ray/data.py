@@ -17,8 +17,9 @@ from mome_ray.errors import MomeError
 from mome_ray.tokenizer import token_path
 
 
-def load_blocks(tokenizer_dir: Path, split: str, lang: str, block_size: int) -> np.ndarray:
-    """The (N, block_size) non-overlapping blocks of one language's token stream (memory-mapped)."""
+def load_blocks(tokenizer_dir: Path, split: str, lang: str, block_size: int, limit: int = 0) -> np.ndarray:
+    """The (N, block_size) non-overlapping blocks of one language's token stream (memory-mapped); with `limit`
+    only the first `limit` (the blocks a teacher-logit cache covers)."""
     path = token_path(tokenizer_dir, split, lang)
     if not path.is_file():
         raise MomeError(f"no '{split}' tokens for language '{lang}' in '{tokenizer_dir}'; is '{lang}' in the "
@@ -28,7 +29,7 @@ def load_blocks(tokenizer_dir: Path, split: str, lang: str, block_size: int) -> 
     if n == 0:
         raise MomeError(f"'{split}' split of '{lang}' has {len(stream)} tokens, fewer than one block of "
                         f"{block_size}; use a shorter n_positions or a larger corpus")
-    return stream[: n * block_size].reshape(n, block_size)
+    return stream[: n * block_size].reshape(n, block_size)[: limit or n]
 
 
 class BalancedBatches:
@@ -79,17 +80,23 @@ class BalancedBatches:
         return [self.per_lang + self._extras_before(li, draw + 1) - self._extras_before(li, draw)
                 for li in range(len(self.blocks))]
 
-    def batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def index(self, step: int) -> tuple[np.ndarray, np.ndarray]:
+        """(language, block) of every row of the batch of `step` on this rank: which block of which language's
+        array each row is (the teacher's logit cache is addressed by it)."""
         draw = step * self.world + self.rank
-        rows, langs = [], []
-        for li, (blocks, count) in enumerate(zip(self.blocks, self.counts(step))):
+        langs, blocks = [], []
+        for li, (lang_blocks, count) in enumerate(zip(self.blocks, self.counts(step))):
             start = self.per_lang * draw + self._extras_before(li, draw)
             for pos in range(start, start + count):
-                epoch, i = divmod(pos, len(blocks))
-                rows.append(blocks[self._perm(li, epoch)[i]])
+                epoch, i = divmod(pos, len(lang_blocks))
+                blocks.append(self._perm(li, epoch)[i])
                 langs.append(li)
-        ids = torch.from_numpy(np.stack(rows).astype(np.int64))
-        return ids, torch.tensor(langs)
+        return np.array(langs, dtype=np.int64), np.array(blocks, dtype=np.int64)
+
+    def batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        langs, blocks = self.index(step)
+        ids = torch.from_numpy(np.stack([self.blocks[l][b] for l, b in zip(langs, blocks)]).astype(np.int64))
+        return ids, torch.from_numpy(langs)
 
 
 def eval_blocks(blocks: np.ndarray, limit: int, rank: int = 0, world: int = 1) -> np.ndarray:
@@ -98,9 +105,11 @@ def eval_blocks(blocks: np.ndarray, limit: int, rank: int = 0, world: int = 1) -
 
 
 def balanced_data(tokenizer_dir: Path, langs: list[str], block_size: int, batch_size: int, eval_limit: int,
-                  seed: int, rank: int = 0, world: int = 1) -> tuple[BalancedBatches, dict[str, np.ndarray]]:
-    """A worker's data: balanced training batches over `langs` and each language's fixed eval blocks."""
-    batches = BalancedBatches([load_blocks(tokenizer_dir, "train", l, block_size) for l in langs], batch_size, seed,
-                              rank, world)
+                  seed: int, rank: int = 0, world: int = 1, limit=lambda lang: 0
+                  ) -> tuple[BalancedBatches, dict[str, np.ndarray]]:
+    """A worker's data: balanced training batches over `langs` (the first `limit(lang)` blocks of each, 0 = all)
+    and each language's fixed eval blocks."""
+    batches = BalancedBatches([load_blocks(tokenizer_dir, "train", l, block_size, limit(l)) for l in langs],
+                              batch_size, seed, rank, world)
     val = {l: eval_blocks(load_blocks(tokenizer_dir, "val", l, block_size), eval_limit, rank, world) for l in langs}
     return batches, val

@@ -22,8 +22,8 @@ from mome_ray.alpha import AlphaConfig, AlphaSchedule
 from mome_ray.config import from_dict
 from mome_ray.data import BalancedBatches, eval_blocks, load_blocks
 from mome_ray.errors import MomeError
-from mome_ray.kd import LOSS_PARAMS, KDRecipe, check_teacher, frozen_teacher, kd_train
-from mome_ray.models import ModelConfig, build_gpt2, load_lm, n_params
+from mome_ray.kd import LOSS_PARAMS, KDRecipe, check_teacher, kd_teacher, kd_train
+from mome_ray.models import ModelConfig, build_gpt2, n_params
 from mome_ray.storage import RunStore
 from mome_ray.tokenizer import load_tokenizer
 from mome_ray.training import evaluate
@@ -70,7 +70,7 @@ def plan(cfg: DistillConfig, run_langs: list[str]) -> list[Student]:
                         f"`langs` and rebuild the corpus, or use `mome add-expert`")
     students = [Student(lang, [lang], kd=True) for lang in langs]
     if cfg.baselines:
-        # Longest first (the KD runs also run the teacher), so the short CE-only runs fill the last slots.
+        # Longest first (KD runs cost more), so the short CE-only runs fill the last slots.
         if cfg.equal_tokens:  # as many tokens of each language as its expert saw: len(langs)x the steps
             students.append(Student("multilingual-tokens", list(run_langs), True, cfg.train.max_steps * len(run_langs)))
         students.append(Student("multilingual", list(run_langs), kd=True))
@@ -91,13 +91,15 @@ def train_fn_per_worker(config: dict) -> None:
     rank, world, device = worker_context(cfg.scaling.cpus_per_worker)
     T = cfg.model.n_positions
 
-    batches = BalancedBatches([load_blocks(tok_dir, "train", l, T) for l in student.langs], cfg.train.batch_size,
-                              seed, rank, world)
+    # The CE-only students train on the same blocks as the KD ones (those a cached teacher covers).
+    teacher = kd_teacher(cfg, store, student.langs, tok_dir, device) if student.kd or cfg.teacher == "cached" else None
+    limit = teacher.train_limit if teacher else lambda lang: 0
+    batches = BalancedBatches([load_blocks(tok_dir, "train", l, T, limit(l)) for l in student.langs],
+                              cfg.train.batch_size, seed, rank, world)
     val = {l: eval_blocks(load_blocks(tok_dir, "val", l, T), cfg.train.eval_blocks, rank, world)
            for l in student.langs}
-    teacher = None
-    if student.kd:
-        teacher = frozen_teacher(load_lm(store.fetch("teacher"), tok_dir), device, cfg.train.bf16)
+    if not student.kd:
+        teacher = None
 
     def build():
         tok = load_tokenizer(tok_dir)
@@ -154,8 +156,8 @@ def distill_students(cfg: DistillConfig, run_langs: list[str], store: RunStore, 
     """Train every planned student that is not up to date; returns {name: meta} of all planned students."""
     from mome_ray.model_runs import ModelRun, train_models
 
-    check_teacher(cfg, store)
     students = plan(cfg, run_langs)
+    check_teacher(cfg, store, sorted({lang for s in students for lang in s.langs}))
 
     def with_tokenizer(out) -> None:  # a student loads alone in AutoTokenizer too
         load_tokenizer(store.fetch("tokenizer")).save_pretrained(str(out))

@@ -2,23 +2,28 @@
 
     loss = α·CE + β·KD   (β = 1 − α; `alpha.py` decides α per step; `losses.py` holds the divergences)
 
-Used by the distilled students (`distill.py`), JEET / MoE-CE (`moe_train.py`) and the KD sweep. The
-teacher runs under no_grad on the same block. CE, KD, α and β are kept for every step in the run's
-`trace`, and go into the artifact's metrics.
+Used by the distilled students (`distill.py`), JEET / MoE-CE (`moe_train.py`) and the KD sweep. The teacher is
+one of two objects with the same interface (`train_limit(lang)`, `rows(ids, index) -> TeacherRows`):
+- `OnlineTeacher` (`distill.teacher: online`): the frozen teacher runs under no_grad on every batch;
+- `logit_cache.CachedTeacher` (`cached`): the rows the `teacher_logits` stage stored for these very blocks
+  (students then train on the blocks the cache covers, `train_limit`).
+CE, KD, α and β are kept for every step in the run's `trace`, and go into the artifact's metrics.
 """
 
 from __future__ import annotations
 
 import functools
 from dataclasses import dataclass, field
-from typing import ClassVar
+from typing import ClassVar, Literal
 
+import numpy as np
 import torch
+import torch.nn.functional as F
 
 from mome_ray.alpha import AlphaConfig, AlphaSchedule
 from mome_ray.cluster import ScalingArgs
 from mome_ray.errors import MomeError
-from mome_ray.losses import KD_LOSSES
+from mome_ray.losses import KD_LOSSES, TeacherRows, kd_of_log_probs, log_probs, online_rows
 from mome_ray.models import ModelConfig
 from mome_ray.storage import RunStore
 from mome_ray.training import Progress, TrainConfig, autocast, clip_and_step, eval_metrics, lm_loss
@@ -41,6 +46,9 @@ class KDRecipe:
     jsd_beta: float = 0.5  # jsd: the teacher's weight β in the mixture, in (0, 1)
     skew: float = 0.1  # skew_kl: the teacher's share λ of the skewed student, in [0, 1)
     max_parallel: int = 0  # runs at once (0 = as many as the cluster fits)
+    # online: run the teacher on every batch of every KD run; cached: read its log-probs from the `teacher_logits`
+    # stage (computed once; 2x faster steps, but top-k KD loses quality: BENCHMARKS.md, "KD with cached teacher logits")
+    teacher: Literal["online", "cached"] = "online"
     section: ClassVar[str] = "distill"
 
     def __post_init__(self):
@@ -55,40 +63,73 @@ class KDRecipe:
             raise MomeError(f"{self.section}.skew must be in [0, 1) (the teacher's share of the skewed student; "
                             f"0 is forward KL), got {self.skew}")
 
+    def loss_params(self) -> dict:
+        """The configured divergence's own parameters: β for jsd, λ for skew_kl, none for the KLs."""
+        return {arg: getattr(self, key) for loss, (key, arg) in LOSS_PARAMS.items() if loss == self.kd_loss}
+
     def kd_fn(self):
         """The configured divergence, `losses.<kd_loss>` with this recipe's β (jsd) or λ (skew_kl)."""
-        params = {arg: getattr(self, key) for loss, (key, arg) in LOSS_PARAMS.items() if loss == self.kd_loss}
-        return functools.partial(KD_LOSSES[self.kd_loss], **params)
+        return functools.partial(KD_LOSSES[self.kd_loss], **self.loss_params())
 
     def unused_keys(self) -> tuple[str, ...]:
         """The loss parameters the configured loss does not read: left out of what an artifact depends on."""
         return tuple(key for loss, (key, _) in LOSS_PARAMS.items() if loss != self.kd_loss)
 
 
-def kd_step(model, teacher, opt, sched, ids: torch.Tensor, alpha: float, beta: float, kd_fn, temperature: float,
-            train: TrainConfig, device: torch.device) -> tuple[float, float | None]:
+def kd_step(model, teacher, opt, sched, ids: torch.Tensor, index: tuple[np.ndarray, np.ndarray] | None, alpha: float,
+            beta: float, kd_loss: str, temperature: float, train: TrainConfig, device: torch.device,
+            kd_params: dict | None = None) -> tuple[float, float | None]:
     """One optimizer step of α·CE + β·KD on (B, T) ids; returns (CE, KD) (KD None without a teacher).
+    `kd_params`: the divergence's own parameters (`KDRecipe.loss_params`).
 
+    `index` = (language, block) of each row (`BalancedBatches.index`): where a cached teacher finds its rows.
     With β = 0 the KD term is computed for the log only (no_grad), so α = 1 is exactly CE training.
     """
     with autocast(device, train.bf16):
         logits = model(input_ids=ids).logits
-        teacher_logits = None
-        if teacher is not None:
-            with torch.no_grad():
-                teacher_logits = teacher(input_ids=ids).logits
-    ce = lm_loss(logits, ids)
-    kd = None
-    if teacher_logits is not None:
-        # Position t predicts token t+1 in both models; the last position has no target, like CE.
+        rows = None if teacher is None else teacher.rows(ids, index)
+    if rows is None:
+        ce, kd = lm_loss(logits, ids), None
+    else:
+        # Position t predicts token t+1 in both models; the last position has no target, like CE. At τ = 1 CE
+        # reads the same student log-probs as KD (one log-softmax over the vocabulary, not two).
+        s = log_probs(logits[:, :-1], temperature)
+        ce = F.nll_loss(s.flatten(0, 1), ids[:, 1:].flatten()) if temperature == 1 else lm_loss(logits, ids)
         with torch.set_grad_enabled(beta > 0):
-            kd = kd_fn(logits[:, :-1], teacher_logits[:, :-1], temperature=temperature)
+            kd = kd_of_log_probs(kd_loss, s, rows, temperature=temperature, tail=teacher.tail, **(kd_params or {}))
     loss = alpha * ce  # ×1.0 is exact: α = 1, β = 0 gives the same gradients as plain CE
     if kd is not None and beta > 0:
         loss = loss + beta * kd
     loss.backward()
     clip_and_step(model, opt, sched, train.grad_clip)
     return ce.item(), None if kd is None else kd.item()
+
+
+class OnlineTeacher:
+    """The frozen teacher, run on every batch: full-vocabulary rows, every training block available."""
+
+    tail = "bucket"  # unused: online rows hold the whole vocabulary
+
+    def __init__(self, model: torch.nn.Module):
+        self.model = model
+
+    def train_limit(self, lang: str) -> int:
+        return 0
+
+    @torch.no_grad()
+    def rows(self, ids: torch.Tensor, index=None) -> TeacherRows:
+        return online_rows(self.model(input_ids=ids).logits[:, :-1])
+
+
+def kd_teacher(cfg: KDRecipe, store: RunStore, langs: list[str], tok_dir, device: torch.device):
+    """The teacher a KD run of `langs` reads, as `cfg.teacher` says (on this worker's node)."""
+    if cfg.teacher == "cached":
+        from mome_ray.logit_cache import CachedTeacher
+
+        return CachedTeacher.load(store, langs, cfg.model.n_positions)
+    from mome_ray.models import load_lm
+
+    return OnlineTeacher(frozen_teacher(load_lm(store.fetch("teacher"), tok_dir), device, cfg.train.bf16))
 
 
 def teacher_dtype(device: torch.device, bf16: bool) -> torch.dtype:
@@ -125,7 +166,7 @@ def kd_train(run, batches, teacher, schedule: AlphaSchedule, cfg: KDRecipe, devi
         run.extra = {"trace": new_trace()}
         if run.rank == 0:
             print(f"[{name}] {banner}, {cfg.train.max_steps} steps", flush=True)
-    kd_fn, trace = cfg.kd_fn(), run.extra["trace"]
+    trace = run.extra["trace"]
     run.model.train()
     progress = Progress(name, cfg.train.max_steps, cfg.train.batch_size * cfg.model.n_positions * world,
                         cfg.train.log_every, run.rank == 0)
@@ -134,8 +175,8 @@ def kd_train(run, batches, teacher, schedule: AlphaSchedule, cfg: KDRecipe, devi
         model = route(run.model, lang_index.to(device)) if route else run.model
         alpha, beta = schedule.weights(step)
         progress.tick()
-        ce, kd = kd_step(model, teacher, run.opt, run.sched, ids.to(device), alpha, beta, kd_fn, cfg.temperature,
-                         cfg.train, device)
+        ce, kd = kd_step(model, teacher, run.opt, run.sched, ids.to(device), batches.index(step), alpha, beta,
+                         cfg.kd_loss, cfg.temperature, cfg.train, device, cfg.loss_params())
         if kd is not None:
             schedule.update(ce, kd)
         for key, value in zip(trace, (step + 1, ce, kd, alpha, beta)):
@@ -151,11 +192,17 @@ def kd_train(run, batches, teacher, schedule: AlphaSchedule, cfg: KDRecipe, devi
             report(run, step + 1, metrics)
 
 
-def check_teacher(cfg: KDRecipe, store: RunStore) -> None:
+def check_teacher(cfg: KDRecipe, store: RunStore, langs: list[str]) -> None:
+    """Before any KD run of `langs` starts: the teacher sees the student's whole block, and a cached teacher's
+    logits exist for these languages and blocks, made by the current teacher."""
     from mome_ray.artifacts import read_meta
 
     teacher = read_meta(store, "teacher")
     context = teacher["config"]["teacher"]["model"]["n_positions"]
     if cfg.model.n_positions > context:
-        raise MomeError(f"distill.model.n_positions ({cfg.model.n_positions}) exceeds the teacher's context "
+        raise MomeError(f"{cfg.section}.model.n_positions ({cfg.model.n_positions}) exceeds the teacher's context "
                         f"({context}); the teacher must see the student's whole block")
+    if cfg.teacher == "cached":
+        from mome_ray.logit_cache import check_cache
+
+        check_cache(store, langs, cfg.model.n_positions, teacher["created"], cfg.section)

@@ -115,7 +115,7 @@ def sweep_kd(cfg, store: RunStore, parents: dict, out_dir: Path, log=print) -> d
     lang = s.lang or cfg.langs[0]
     if lang not in cfg.langs:
         raise MomeError(f"distill.sweep.lang '{lang}' is not a language of this run ({cfg.langs})")
-    check_teacher(d, store)
+    check_teacher(d, store, [lang])
     space = load_space(s.space)
     check_space(space)
     base = to_dict(d)

@@ -25,10 +25,10 @@ from mome_ray.alpha import AlphaSchedule
 from mome_ray.config import from_dict, to_dict
 from mome_ray.data import balanced_data
 from mome_ray.evaluation import per_language_eval
-from mome_ray.kd import KDRecipe, check_teacher, frozen_teacher, kd_train
+from mome_ray.kd import KDRecipe, check_teacher, kd_teacher, kd_train
 from mome_ray.errors import MomeError
 from mome_ray.jeet import DDP_KWARGS, JEETConfig, JEETModel, JEETParts
-from mome_ray.models import ModelConfig, load_lm, n_params
+from mome_ray.models import ModelConfig, n_params
 from mome_ray.moe import MoE, Routed, Routing
 from mome_ray.storage import RunStore
 from mome_ray.tokenizer import load_tokenizer
@@ -69,8 +69,9 @@ def train_fn_per_worker(config: dict) -> None:
     T = cfg.model.n_positions
 
     # --- data: balanced batches with each block's language; a fixed eval subset per language
-    batches, val = balanced_data(tok_dir, langs, T, cfg.train.batch_size, cfg.train.eval_blocks, seed, rank, world)
-    teacher = frozen_teacher(load_lm(store.fetch("teacher"), tok_dir), device, cfg.train.bf16)
+    teacher = kd_teacher(cfg, store, langs, tok_dir, device)
+    batches, val = balanced_data(tok_dir, langs, T, cfg.train.batch_size, cfg.train.eval_blocks, seed, rank, world,
+                                 teacher.train_limit)
 
     # --- the MoE (DDP tolerates stacks no sequence of a rank's batch selected), optimizer, resume
     run = start_run(lambda: build_jeet(cfg, langs, tok_dir, config["common"]), cfg.train, name, seed, rank,
@@ -102,7 +103,7 @@ def train_moes(cfg: MoEConfig, langs: list[str], store: RunStore, ray_cfg, paren
     """Train JEET and MoE-CE unless up to date; returns {name: meta} of both (in RUN_DIR/moe/<name>/)."""
     from mome_ray.model_runs import ModelRun, train_models
 
-    check_teacher(cfg, store)
+    check_teacher(cfg, store, langs)
     runs = [ModelRun(f"moe/{name}", train_fn_per_worker,
                      {"moe": to_dict(cfg), "langs": langs, "seed": seed, "name": name, "common": common,
                       "run": store.location},

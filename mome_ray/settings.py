@@ -14,6 +14,7 @@ from mome_ray.distill import DistillConfig
 from mome_ray.evaluation import EvalConfig
 from mome_ray.router.model import RouterConfig
 from mome_ray.forgetting import ForgettingConfig
+from mome_ray.logit_cache import LogitCacheConfig
 from mome_ray.moe_train import MoEConfig
 from mome_ray.serving import ServeConfig
 from mome_ray.teacher import TeacherConfig
@@ -28,6 +29,7 @@ class Settings:
     corpus: CorpusConfig = field(default_factory=CorpusConfig)
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    teacher_logits: LogitCacheConfig = field(default_factory=LogitCacheConfig)  # read when a KD section's teacher is cached
     distill: DistillConfig = field(default_factory=DistillConfig)
     router: RouterConfig = field(default_factory=RouterConfig)
     moe: MoEConfig = field(default_factory=MoEConfig)

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from mome_ray.artifacts import is_complete, read_meta, stage_writer, write_meta
-from mome_ray.cluster import in_ray_job, init_ray, on_cluster, resolve_run_dir
+from mome_ray.cluster import in_ray_job, init_ray, on_cluster, on_cluster_map, resolve_run_dir
 from mome_ray.config import to_dict
 from mome_ray.corpus.build import SPLITS, build_corpus, corpus_sources, print_balance
 from mome_ray.corpus.fetch import fetch_packages
@@ -33,6 +33,10 @@ SCORED = ("distill", "moe", "forgetting")  # sections whose stage scores models 
 def stage_config(cfg: Settings, stage: str) -> dict:
     """The part of the config a stage depends on (a change re-runs it)."""
     scored = {"eval": to_dict(cfg.eval)} if stage in SCORED else {}
+    if stage == "teacher_logits":  # which KD runs read it, and the blocks they read
+        from mome_ray.logit_cache import users
+
+        scored = {"used_by": users(cfg), "block_size": cfg.distill.model.n_positions}
     return {"langs": cfg.langs, "seed": cfg.seed, stage: to_dict(getattr(cfg, stage))} | scored
 
 
@@ -139,6 +143,32 @@ def teacher(cfg: Settings, fresh: bool = False, log=print) -> dict:
         metrics = train_teacher(cfg.teacher, cfg.langs, store, cfg.ray, parents, cfg.seed, out, fresh=fresh)
         meta = write_meta(out, "teacher", stage_config(cfg, "teacher"), metrics, parents, cfg.seed)
     print_perplexity_table(metrics, cfg.langs, log)
+    return meta
+
+
+def teacher_logits(cfg: Settings, log=print) -> dict:
+    """Cache the teacher's top-k log-probs of every language's training blocks (one Ray task per language) in
+    RUN_DIR/teacher_logits/<lang>/; only a meta.json saying so when no KD run reads them."""
+    from mome_ray.logit_cache import cache_language, users
+
+    store = resolve_run_dir(cfg.run_dir)
+    parents = parents_of(store, "teacher_logits")
+    config = stage_config(cfg, "teacher_logits")
+    if not users(cfg):
+        log("no KD run reads cached teacher logits (distill.teacher and moe.teacher are online): nothing to compute")
+        with stage_writer(store, "teacher_logits", nested=True) as out:
+            reason = "distill.teacher and moe.teacher are online"
+            return write_meta(out, "teacher_logits", config, {"skipped": reason}, parents, cfg.seed)
+    init_ray(cfg.ray)
+    jobs = [(cfg.teacher_logits, lang, store, cfg.distill.model.n_positions, config, parents, cfg.seed)
+            for lang in cfg.langs]
+    metas = on_cluster_map(cache_language, jobs, cpus=cfg.ray.task_cpus, gpus=cfg.ray.task_gpus,
+                           name="teacher-logits", log=log)
+    with stage_writer(store, "teacher_logits", nested=True) as out:
+        metrics = {lang: m["metrics"] for lang, m in zip(cfg.langs, metas)}
+        meta = write_meta(out, "teacher_logits", config, metrics, parents, cfg.seed)
+    log(f"teacher logits cached in {store.uri('teacher_logits')}: "
+        + ", ".join(f"{l} {m['blocks']} blocks ({m['bytes'] / 2**20:,.0f} MiB)" for l, m in metrics.items()))
     return meta
 
 
@@ -323,9 +353,10 @@ STAGES = {
     "tokenizer": (tokenizer, ["corpus"], "tokenizer"),
     "router": (router, ["corpus", "tokenizer"], "router"),
     "teacher": (teacher, ["tokenizer"], "teacher"),
-    "experts": (experts, ["tokenizer", "teacher"], "distill"),
-    "sweep_kd": (sweep_kd, ["tokenizer", "teacher"], "distill"),
-    "moe": (moe, ["tokenizer", "router", "teacher", "experts"], "moe"),
+    "teacher_logits": (teacher_logits, ["tokenizer", "teacher"], "teacher_logits"),
+    "experts": (experts, ["tokenizer", "teacher", "teacher_logits"], "distill"),
+    "sweep_kd": (sweep_kd, ["tokenizer", "teacher", "teacher_logits"], "distill"),
+    "moe": (moe, ["tokenizer", "router", "teacher", "teacher_logits", "experts"], "moe"),
     "forgetting": (forgetting, ["tokenizer", "router"], "forgetting"),
 }
 

@@ -228,20 +228,23 @@ def copy_run(run_dir: str | Path, dest: Path) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_teacher(ray_head, tiny_tokenized, tmp_path_factory):
-    """A run dir with corpus, tokenizer and a trained tiny teacher (shared by distillation and MoE tests)."""
+    """A run dir with corpus, tokenizer, a trained tiny teacher and its logit cache (shared by distillation and MoE
+    tests)."""
     from mome_ray import stages
     from mome_ray.settings import load_settings
 
     run_dir = copy_run(tiny_tokenized.run_dir, tmp_path_factory.mktemp("teacher_run"))
     cfg = load_settings(str(ROOT / "configs/tiny.yaml"), [f"run_dir={run_dir}"])
     stages.teacher(cfg, log=lambda *a: None)
+    stages.teacher_logits(cfg, log=lambda *a: None)  # the logit cache KD runs read (or its "skipped" meta)
     return cfg
 
 
 def copy_teacher_run(cfg, dest: Path) -> Path:
-    """A private copy of a run dir up to the teacher stage."""
+    """A private copy of a run dir up to the teacher stage and its logit cache."""
     copy_run(cfg.run_dir, dest)
-    shutil.copytree(Path(cfg.run_dir) / "teacher", dest / "teacher")
+    for stage in ("teacher", "teacher_logits"):
+        shutil.copytree(Path(cfg.run_dir) / stage, dest / stage)
     return dest
 
 

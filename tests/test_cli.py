@@ -15,7 +15,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_help_lists_the_stages():
     out = subprocess.run([sys.executable, "-m", "mome_ray.cli", "--help"], capture_output=True, text=True,
                          cwd=ROOT, timeout=120).stdout
-    for stage in ("corpus", "tokenizer", "teacher", "distill", "sweep", "pipeline"):
+    for stage in ("corpus", "tokenizer", "teacher", "teacher-logits", "distill", "sweep", "pipeline"):
         assert stage in out
 
 

@@ -12,7 +12,7 @@ from mome_ray.alpha import AlphaConfig
 from mome_ray.artifacts import read_meta
 from mome_ray.config import from_dict
 from mome_ray.distill import DistillConfig, Student, plan, student_config
-from mome_ray.kd import kd_step
+from mome_ray.kd import OnlineTeacher, kd_step
 from mome_ray.errors import MomeError
 from mome_ray.losses import jsd, reverse_kl, skew_kl
 from mome_ray.moe_train import MoEConfig
@@ -38,14 +38,14 @@ def _opt(model, cfg):
 def test_alpha_one_is_exactly_plain_ce_training():
     cfg = TrainConfig(max_steps=3, lr=0.01)
     ids = torch.randint(0, 64, (4, 16), generator=torch.Generator().manual_seed(1))
-    teacher = _student(seed=7).eval()
+    teacher = OnlineTeacher(_student(seed=7).eval())
     a, b = _student(), _student()
     opt_a, sched_a = _opt(a, cfg)
     opt_b, sched_b = _opt(b, cfg)
     cpu = torch.device("cpu")
     for _ in range(3):
         ce_loss = lm_train_step(a, opt_a, sched_a, ids, cfg, cpu)
-        ce, kd = kd_step(b, teacher, opt_b, sched_b, ids, 1.0, 0.0, reverse_kl, 1.0, cfg, cpu)
+        ce, kd = kd_step(b, teacher, opt_b, sched_b, ids, None, 1.0, 0.0, "reverse_kl", 1.0, cfg, cpu)
         assert ce == ce_loss and kd > 0  # KD is still measured (for the log), but not trained on
     for pa, pb in zip(a.parameters(), b.parameters()):
         assert torch.equal(pa, pb)
@@ -54,9 +54,10 @@ def test_alpha_one_is_exactly_plain_ce_training():
 def test_kd_term_moves_the_student_towards_the_teacher():
     cfg = TrainConfig(max_steps=30, lr=0.01, warmup_frac=0.0)
     ids = torch.randint(0, 64, (4, 16), generator=torch.Generator().manual_seed(1))
-    teacher, student = _student(seed=7).eval(), _student()
+    teacher, student = OnlineTeacher(_student(seed=7).eval()), _student()
     opt, sched = _opt(student, cfg)
-    kds = [kd_step(student, teacher, opt, sched, ids, 0.0, 1.0, reverse_kl, 1.0, cfg, torch.device("cpu"))[1]
+    kds = [kd_step(student, teacher, opt, sched, ids, None, 0.0, 1.0, "reverse_kl", 1.0, cfg,
+                   torch.device("cpu"))[1]
            for _ in range(30)]
     assert kds[-1] < 0.5 * kds[0]
 

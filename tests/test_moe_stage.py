@@ -16,10 +16,9 @@ import torch
 from mome_ray import stages
 from mome_ray.add_expert import add_expert
 from mome_ray.artifacts import read_meta
-from mome_ray.kd import kd_step
+from mome_ray.kd import OnlineTeacher, kd_step
 from mome_ray.evaluation import EvalConfig, Row, perplexity_table
 from mome_ray.jeet import COMMON, JEETConfig, JEETModel
-from mome_ray.losses import reverse_kl
 from mome_ray.models import ModelConfig, build_gpt2
 from mome_ray.moe import MoE, Routing
 from mome_ray.moe import Routed
@@ -46,14 +45,15 @@ def test_jeet_kd_step_changes_only_the_selected_stack_and_shared_parts(common):
     torch.manual_seed(0)
     size = ModelConfig(n_layer=1, n_embd=32, n_head=2, n_positions=16)
     moe = MoE(JEETModel(JEETConfig(LANGS, 64, 0, 1, size, common=common)))
-    teacher = build_gpt2(size, 64, 0, 1).eval()
+    teacher = OnlineTeacher(build_gpt2(size, 64, 0, 1).eval())
     cfg = TrainConfig(max_steps=2, lr=0.01, warmup_frac=0.0)
     opt = build_optimizer(moe, cfg)
     sched = build_schedule(opt, cfg)
     before = {k: v.clone() for k, v in moe.state_dict().items()}
     ids = torch.randint(0, 64, (4, 16), generator=torch.Generator().manual_seed(1))
     routed = Routed(moe, routing=Routing.onehot(torch.tensor([1, 1, 3, 3]), len(LANGS)))  # fr and py only
-    ce, kd = kd_step(routed, teacher, opt, sched, ids, 0.5, 0.5, reverse_kl, 1.0, cfg, torch.device("cpu"))
+    ce, kd = kd_step(routed, teacher, opt, sched, ids, None, 0.5, 0.5, "reverse_kl", 1.0, cfg,
+                     torch.device("cpu"))
     assert ce > 0 and kd > 0
     changed = {k for k, v in moe.state_dict().items() if not torch.equal(v, before[k])}
     stacks = {k.split(".")[2] for k in changed if k.startswith("experts.stacks.")}
