@@ -2,6 +2,7 @@
 
     python benchmarks/kd_cache.py [--run-dir runs/small] [--lang en] [--time bucket,bucket+s,uniform+s]
                                   [--train online,bucket+s] [teacher_logits.max_blocks=1600 ...]
+    python benchmarks/kd_cache.py --top-k 0 --time full --train online,full teacher_logits.max_blocks=1600
 
 Needs a run dir with the tokenizer and teacher stages of the `small` preset. In one process, no Ray, one thread
 (a student worker's `cpus_per_worker: 1`):
@@ -155,12 +156,15 @@ def main() -> None:
 
 
 def _label(name: str) -> str:
-    return name if name in ("online", "CE") else f"cached {name}"
+    return name if name in ("online", "CE") else f"cached {name}"  # 'cached full': the whole vocabulary (--top-k 0)
 
 
 def _treated(cached: CachedTeacher, treatment: str) -> CachedTeacher:
-    """The same cache read with tail treatment `bucket` / `uniform`, with the sampled tail tokens if '+s'."""
-    tail, samples = treatment.removesuffix("+s"), treatment.endswith("+s")
+    """The same cache read with tail treatment `bucket` / `uniform`, with the sampled tail tokens if '+s'
+    (`full`: a full-vocabulary cache, which has no tail)."""
+    if treatment == "full" and cached.caches[0].get("ids") is not None:
+        raise SystemExit("'full' needs a full-vocabulary cache: --top-k 0")
+    tail, samples = ("bucket" if treatment == "full" else treatment.removesuffix("+s")), treatment.endswith("+s")
     caches = [{k: v for k, v in c.items() if samples or not k.startswith("tail_")} for c in cached.caches]
     return CachedTeacher(list(cached.limits), caches, cached.vocab, tail)
 
