@@ -31,7 +31,7 @@ pytestmark = pytest.mark.ray
 
 @pytest.fixture(scope="module")
 def many(ray_head, tmp_path_factory):
-    """Corpus, tokenizer, teacher (6 steps), router and JEET + MoE-CE (4 steps) of 50 languages."""
+    """Corpus, tokenizer, teacher (6 steps), its logit cache, router and JEET + MoE-CE (4 steps) of 50 languages."""
     root = tmp_path_factory.mktemp("many_langs")
     overrides = write_languages(root / "text", N)
     cfg = load_settings(str(ROOT / "configs/tiny.yaml"), [
@@ -39,7 +39,7 @@ def many(ray_head, tmp_path_factory):
         "moe.train.max_steps=4", "moe.train.eval_every=4", "router.examples_per_lang=100",
         "router.eval_per_lang=20", "router.eval_lengths=[16,64]"])
     quiet = lambda *a: None  # noqa: E731
-    for stage in (stages.corpus, stages.tokenizer, stages.teacher, stages.router):
+    for stage in (stages.corpus, stages.tokenizer, stages.teacher, stages.teacher_logits, stages.router):
         stage(cfg, log=quiet)
     moes = train_moes(cfg.moe, cfg.langs, RunStore(cfg.run_dir), cfg.ray,
                       stages.parents_of(RunStore(cfg.run_dir), "experts"), cfg.seed, log=quiet)
