@@ -127,7 +127,7 @@ def main() -> None:
           f"(0 s if it was up to date)\n")
 
     timed = [t for t in args.time.split(",") if t]
-    trained = [t for t in args.train.split(",") if t]
+    trained = [] if args.no_train else [t for t in args.train.split(",") if t]
     teachers = {"online": online, "CE": None}
     teachers |= {t: _treated(cached, t) for t in timed + trained if t not in teachers}
 
