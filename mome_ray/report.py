@@ -158,12 +158,13 @@ def router_section(run_dir: Path, plots: Path) -> str | None:
     meta = _meta(run_dir, "router")
     if meta is None:
         return None
+    from mome_ray.router.evaluate import summary_lines  # sklearn and plotting: only when a router is reported
+
     m = meta["metrics"]
-    shown = {k: v for k, v in m.items() if isinstance(v, (int, float))}
-    text = "\n".join(f"- {k}: {v:.4g}" for k, v in shown.items())
-    for key in ("accuracy_by_length", "heldout_accuracy", "mixed_accuracy"):
-        if isinstance(m.get(key), dict) and m[key]:
-            text += f"\n- {key}: " + ", ".join(f"{k} {v:.4f}" for k, v in m[key].items())
+    text = "\n".join(f"- {line}" for line in summary_lines(m))
+    text += (f"\n- model: {m['features']} {m['feature_params']} + {m['classifier']} {m['classifier_params']}, "
+             f"{m['train_examples']:,} training windows, fitted in {m['fit_seconds']:.1f} s, "
+             f"{m['model_bytes'] / 1e6:.1f} MB")
     confusion = run_dir / "router" / "confusion.png"
     return text + "\n\n" + (_img(run_dir, confusion, "router confusion matrix") if confusion.is_file() else "")
 

@@ -151,6 +151,7 @@ def test_pipeline_report_has_every_section(tiny_run):
     for png in ("teacher", "kd_losses", "kd_weights", "experts_vs_teacher", "moe_grid"):
         assert (run_dir / "plots" / f"{png}.png").is_file() and f"plots/{png}.png" in report
     assert "forgetting/heatmap.png" in report
+    assert "- source shift (sources never trained on" in report  # beside the in-domain router numbers
     claims = [l for l in report.splitlines() if l.startswith("| ") and l[2].isdigit()]
     assert len(claims) == 5
     assert "JEET / PLE" in claims[3] and "sequential" in claims[4]
