@@ -23,7 +23,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from mome_ray.cluster import RayConfig, storage_path
+from mome_ray.cluster import RayConfig, ScalingArgs, storage_path
 from mome_ray.config import deep_merge, from_dict, to_dict
 from mome_ray.distill import DistillConfig, Student, loop_config, train_fn_per_worker
 from mome_ray.errors import MomeError
@@ -123,7 +123,10 @@ def sweep_kd(cfg, store: RunStore, parents: dict, out_dir: Path, log=print) -> d
         base["train"]["max_steps"] = s.max_steps
     evals = -(-base["train"]["max_steps"] // d.train.eval_every)  # reports per trial
     wait_for_room(d.scaling, "a sweep trial", cfg.ray.wait_for_resources_s, log)
-    need = run_resources(d.scaling)  # a trial's workers, CPUs and GPUs, + the trial's own CPU share
+    # The trial's own CPU share comes out of its first worker's, so that trials of c CPUs each fit c CPUs
+    # (two 1-CPU trials on 2 CPUs run at once; the worker still gets c torch threads).
+    base["scaling"]["cpus_per_worker"] = d.scaling.cpus_per_worker - TRIAL_CPU / d.scaling.num_workers
+    need = run_resources(from_dict(ScalingArgs, base["scaling"]))  # a trial's workers, CPUs and GPUs
     width = max_concurrent({**need, "CPU": need["CPU"] + TRIAL_CPU}, s.max_concurrent)
     storage = storage_path(cfg.ray, store)
     if not s.seeds:

@@ -53,7 +53,7 @@ def worker_context(cpus_per_worker: float) -> tuple[int, int, torch.device]:
 
     quiet_worker()
     ctx = ray.train.get_context()
-    torch.set_num_threads(max(1, int(cpus_per_worker)))
+    torch.set_num_threads(max(1, int(cpus_per_worker + 0.01)))  # + 0.01: a sweep trial's worker holds c − 0.001
     return ctx.get_world_rank(), ctx.get_world_size(), ray.train.torch.get_device()
 
 
