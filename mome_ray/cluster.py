@@ -162,14 +162,23 @@ def on_cluster_map(fn, arg_lists: list[tuple], cpus: float = 1, gpus: float = 0,
     if not ray.is_initialized() and not os.environ.get("RAY_ADDRESS"):
         return [fn(*args, log=log) for args in arg_lists]
     init_ray()
-    task = ray.remote(fn).options(num_cpus=cpus, num_gpus=gpus, name=name or fn.__name__, max_retries=0)
-    refs = [task.remote(*args, log=print) for args in arg_lists]
+    task = ray.remote(_threaded).options(num_cpus=cpus, num_gpus=gpus, name=name or fn.__name__, max_retries=0)
+    refs = [task.remote(fn, max(1, int(cpus)), *args, log=print) for args in arg_lists]
     try:
         return ray.get(refs)
     except KeyboardInterrupt:
         for ref in refs:
             ray.cancel(ref, force=True)
         raise
+
+
+def _threaded(fn, threads: int, *args, log=print):
+    """A task's body: torch uses as many threads as the task holds CPUs (a pooled worker process may have
+    started with one), then `fn(*args, log=log)`."""
+    import torch
+
+    torch.set_num_threads(threads)
+    return fn(*args, log=log)
 
 
 def sigint_kept():
