@@ -33,6 +33,16 @@ def window(total_steps: int, min_window: int) -> int:
     return max(min_window, total_steps // 100)
 
 
+def check_adapts(cfg: AlphaConfig, total_steps: int, where: str) -> None:
+    """An adaptive α whose window is not shorter than the run never moves: that run is the fixed-α run by
+    construction, and comparing the two would measure nothing."""
+    k = window(total_steps, cfg.min_window)
+    if cfg.strategy == "adaptive" and k >= total_steps:
+        raise MomeError(f"{where}: adaptive α over a window of {k} losses never updates in a run of {total_steps} "
+                        f"steps (it would equal fixed α = {cfg.alpha}); set {where}.min_window below {total_steps}, "
+                        f"or train longer")
+
+
 def differential_weight(history: list[float], k: int) -> float:
     """w = 1 − clamp((h[-1] − h[-k]) / mean(h[-k:]), 0, 1)."""
     recent = history[-k:]

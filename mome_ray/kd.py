@@ -20,7 +20,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from mome_ray.alpha import AlphaConfig, AlphaSchedule
+from mome_ray.alpha import AlphaConfig, AlphaSchedule, check_adapts
 from mome_ray.cluster import ScalingArgs
 from mome_ray.errors import MomeError
 from mome_ray.losses import KD_LOSSES, TeacherRows, kd_of_log_probs, log_probs, online_rows
@@ -52,6 +52,7 @@ class KDRecipe:
     section: ClassVar[str] = "distill"
 
     def __post_init__(self):
+        check_adapts(self.alpha, self.train.max_steps, f"{self.section}.alpha")
         if self.kd_loss not in KD_LOSSES:
             raise MomeError(f"{self.section}.kd_loss '{self.kd_loss}' is not one of {sorted(KD_LOSSES)}")
         if self.temperature <= 0:

@@ -23,6 +23,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from mome_ray.alpha import AlphaConfig, check_adapts
 from mome_ray.cluster import RayConfig, ScalingArgs, storage_path
 from mome_ray.config import deep_merge, from_dict, to_dict
 from mome_ray.distill import DistillConfig, Student, loop_config, train_fn_per_worker
@@ -50,10 +51,17 @@ def trial_fn(config: dict) -> None:
         callbacks=(TuneReportCallback(),))
 
 
-def check_space(space: dict) -> None:
+def check_space(space: dict, base_alpha: dict | None = None, steps: int = 0) -> None:
+    """Only searchable keys; with `steps`, every α option of the space must be able to act in a trial."""
     unknown = sorted(set(space) - set(SEARCHED))
     if unknown:
         raise MomeError(f"kd search space: unknown keys {unknown}; it may set {list(SEARCHED)}")
+    alpha = space.get("alpha", {})
+    options = alpha.get("grid") or alpha.get("choice") if isinstance(alpha, dict) else None
+    for option in options or [alpha]:
+        if steps and isinstance(option, dict):
+            check_adapts(from_dict(AlphaConfig, deep_merge(base_alpha or {}, option)), steps,
+                         "the kd search space's alpha")
 
 
 def results_frame(grid):
@@ -117,10 +125,10 @@ def sweep_kd(cfg, store: RunStore, parents: dict, out_dir: Path, log=print) -> d
         raise MomeError(f"distill.sweep.lang '{lang}' is not a language of this run ({cfg.langs})")
     check_teacher(d, store, [lang])
     space = load_space(s.space)
-    check_space(space)
     base = to_dict(d)
     if s.max_steps:
         base["train"]["max_steps"] = s.max_steps
+    check_space(space, base["alpha"], base["train"]["max_steps"])
     evals = -(-base["train"]["max_steps"] // d.train.eval_every)  # reports per trial
     wait_for_room(d.scaling, "a sweep trial", cfg.ray.wait_for_resources_s, log)
     # The trial's own CPU share comes out of its first worker's, so that trials of c CPUs each fit c CPUs

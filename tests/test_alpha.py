@@ -2,7 +2,7 @@
 
 import pytest
 
-from mome_ray.alpha import AlphaConfig, AlphaSchedule, differential_weight, window
+from mome_ray.alpha import AlphaConfig, AlphaSchedule, check_adapts, differential_weight, window
 from mome_ray.errors import MomeError
 
 
@@ -53,3 +53,21 @@ def test_state_round_trip_and_bad_alpha():
     assert a.weights(9) == b.weights(9)
     with pytest.raises(MomeError, match=r"alpha.alpha must be in \[0, 1\]"):
         AlphaConfig("fixed", 1.5)
+
+
+def test_an_adaptive_alpha_that_cannot_move_is_refused():
+    """A window as long as the run leaves α at its start: the 'adaptive' arm would be the fixed one."""
+    from mome_ray.kd_sweep import check_space
+    from mome_ray.moe_train import MoEConfig
+    from mome_ray.training import TrainConfig
+
+    check_adapts(AlphaConfig("adaptive", min_window=4), 12, "distill.alpha")
+    check_adapts(AlphaConfig("fixed"), 3, "distill.alpha")  # only adaptive has a window
+    with pytest.raises(MomeError, match=r"distill.alpha: adaptive .* window of 20 .* 20 steps.*min_window below 20"):
+        check_adapts(AlphaConfig("adaptive"), 20, "distill.alpha")
+    with pytest.raises(MomeError, match="moe.alpha"):  # a KD recipe checks itself when it is built
+        MoEConfig(train=TrainConfig(max_steps=10), alpha=AlphaConfig("adaptive"))
+    space = {"alpha": {"grid": [{"strategy": "fixed", "alpha": 0.5}, {"strategy": "adaptive", "alpha": 0.5}]}}
+    check_space(space, {"min_window": 4}, 12)
+    with pytest.raises(MomeError, match="kd search space's alpha"):
+        check_space(space, {"min_window": 20}, 12)
