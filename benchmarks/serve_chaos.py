@@ -9,7 +9,7 @@ Deploys the app on a local Ray cluster of its own (as benchmarks/serve_load.py d
      request a 2xx;
   2. the RSS of every Serve replica process (psutil) after warm-up, halfway through the stream and at its
      end: memory must stay flat;
-  3. steady load (concurrency 8, score and generate, half of it French) while one `expert-fr` replica actor
+  3. steady load (concurrency 8, score and generate, half of it French) while one `moe` replica actor
      is killed (`ray.kill`, found with `ray.util.state.list_actors`): failed requests, requests still
      failed after one client retry (0.5 s later; target 0), and the time to recovery (first failure ->
      first success of a probe that scores with expert fr, probing every 0.2 s).
@@ -34,7 +34,7 @@ from benchmarks.serve_load import (APP, deploy, gen_body, load_prompts, parse_ar
 
 JSON = "application/json"
 RETRY_AFTER_S = 0.5
-VICTIM = "expert-fr"
+VICTIM = "moe"  # the deployment that holds every expert
 
 
 def malformed(prompt: str) -> list[tuple[str, str, str, bytes, str]]:
@@ -281,7 +281,8 @@ def main(argv: list[str] | None = None) -> None:
     prompts = load_prompts(args.run_dir, per_lang=8)
     temp_dir = start_cluster()
     try:
-        bad = asyncio.run(run(args, deploy(args, ["serve.teacher=false"]), prompts))
+        # two MoE replicas: one is killed, the other answers while Serve replaces it
+        bad = asyncio.run(run(args, deploy(args, ["serve.teacher=false", "serve.moe.num_replicas=2"]), prompts))
     finally:
         stop_cluster(temp_dir)
     print(f"\n[chaos] {'OK' if not bad else f'{bad} answers broke a rule'}")

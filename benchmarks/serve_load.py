@@ -13,7 +13,7 @@ Sections (markdown tables on stdout):
   1. route, score (routed), generate (routed, 16 new tokens, temperature 0) at concurrency 1, 4, 16, 64;
   2. the routed MoE vs the teacher deployment (`"expert": "teacher"`) on the same prompts: p50 ratios;
   3. the router hop: scoring with expert fr via HTTP /v1/score, via the ingress's handle
-     (`Gateway.score`, no HTTP), and via the expert's own handle (`expert-fr`.score on token ids);
+     (`Gateway.score`, no HTTP), and via the MoE's own handle (`moe`.score on token ids, fr forced);
   4. score at concurrency 16, this app vs the same app redeployed untuned (`UNTUNED`): the ratio.
 The load generator shares the machine's cores with the app: compare numbers within one run only.
 """
@@ -44,7 +44,7 @@ LANGS = ("en", "fr", "de", "py")
 CONCURRENCY = (1, 4, 16, 64)
 NEW_TOKENS = 16
 # Serve's defaults: 5 ongoing requests per replica, and no batching (a batch of one).
-UNTUNED = ["serve.expert.max_ongoing_requests=5", "serve.expert.max_batch_size=1",
+UNTUNED = ["serve.moe.max_ongoing_requests=5", "serve.moe.max_batch_size=1",
            "serve.router.max_ongoing_requests=5", "serve.router.max_batch_size=1"]
 
 
@@ -227,11 +227,11 @@ async def router_hop(session, url, prompts, plan) -> list[Cell]:
 
     tok = load_tokenizer(Path(plan.run_dir) / "tokenizer")
     ids = [[tok.eos_token_id] + tok.backend_tokenizer.encode(p, add_special_tokens=False).ids for p in prompts]
-    expert = serve.get_deployment_handle("expert-fr", app_name=APP)
+    expert = serve.get_deployment_handle("moe", app_name=APP)
     ingress = serve.get_deployment_handle("router", app_name=APP)
 
     async def direct(i: int) -> None:
-        await expert.score.remote(ids[i % len(ids)])
+        await expert.score.remote(ids[i % len(ids)], {"force": "fr"})
 
     async def via_ingress(i: int) -> None:
         await ingress.score.remote(ScoreRequest(prompt=prompts[i % len(prompts)], expert="fr"))
@@ -240,7 +240,7 @@ async def router_hop(session, url, prompts, plan) -> list[Cell]:
     cells = []
     for c in plan.compare_concurrency:
         for name, call in (("HTTP /v1/score expert=fr", http), ("ingress handle Gateway.score expert=fr", via_ingress),
-                           ("expert-fr handle score(ids)", direct)):
+                           ("moe handle score(ids) fr forced", direct)):
             cells.append(await run_cell(name, call, c, plan.requests(c), plan.cap_s))
             print(cells[-1].row(), flush=True)
     return cells

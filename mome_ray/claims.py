@@ -110,6 +110,10 @@ def judge_alpha(results) -> Claim:
     p = paired(_arm(results, adaptive.setting, "test_ppl"), _arm(results, fixed.setting, "test_ppl"))
     if p is None:
         return not_measured(f"fewer than {MIN_SEEDS} paired seeds per arm (distill.sweep.seeds)")
+    if (abs(p.diffs) < 1e-9).all():  # the same test perplexity on every seed: the runs were the same run
+        return not_measured(f"adaptive α ran as fixed α = {fixed.alpha} on every seed (test ppl "
+                            f"{adaptive.test_ppl_mean:.2f} both): α only moves when a loss rises over its window, "
+                            f"and both kept falling; compare on longer trials (distill.sweep.max_steps)")
     numbers = (f"test ppl adaptive {adaptive.test_ppl_mean:.2f} ± {adaptive.test_ppl_sd:.2f}, "
                f"{_label(fixed)} {fixed.test_ppl_mean:.2f} ± {fixed.test_ppl_sd:.2f}; adaptive vs fixed {p}")
     return Claim(numbers, [("about the same (within 10 %)", abs(p.mean) <= CLOSE),

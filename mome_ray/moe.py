@@ -9,6 +9,7 @@ per sequence: a router maps (B, T) ids (+ attention mask) to a `Routing` — one
     out = moe(ids, attention_mask, labels=ids)          # out.logits (B, T, V), out.loss, out.experts
     out = moe.score(ids, attention_mask)                # out.logprobs (B, T-1): log p(next token)
     new = moe.generate(prompt_ids, max_new_tokens=50, temperature=0.8, top_p=0.95, seed=0, eos_id=eos)
+    for token in moe.decode(prompt_ids, 50, routing=decide(labels, probs, moe.names)): ...   # what Serve streams
 
 How a batch runs:
 - hard top-1 (default): sequences are grouped by expert, each expert runs once on its group, and the
@@ -20,7 +21,9 @@ How a batch runs:
 - How experts are mixed (`mix`): `"probs"` (default) mixes their next-token *distributions*; `"hidden"`
   averages their last hidden states with the same weights and applies the shared head once (JEET and
   MoE-CE, whose experts share the head; PLE's whole models can only mix distributions).
-- `unknown` (index −1) goes to the common expert when there is one, else to the most probable expert.
+- `unknown` (index −1) goes to the common expert when there is one, else to the most probable expert
+  (`fallback`); `decide` turns a text classifier's answer into a `Routing`. The evaluation grid and the
+  Serve app (serve/app.py) both route and mix through this module: what is served is what was evaluated.
 - `common=True` (MoE-CE only; its default) averages the common stack's last hidden state with the
   selected expert's before the head; `common=False` runs the selected stack alone.
 
@@ -42,7 +45,7 @@ and `JEETModel` in jeet.py (stacks over shared parts).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -76,32 +79,44 @@ class Routing:
 Router = Callable[[torch.Tensor, "torch.Tensor | None"], Routing]  # (input_ids, attention_mask) -> Routing
 
 
-def text_router(classifier: Any, tokenizer: Any, names: Sequence[str]) -> Router:
-    """Adapt a text classifier to a `Router`: decode each sequence's ids with the tokenizer and classify it.
+def decide(labels: Sequence[str], probs, names: Sequence[str], unknown_below: float = 0.0) -> Routing:
+    """A text classifier's answer as a `Routing`: `labels` name the columns of the (N, C) `probs`.
 
-    `classifier.predict_proba(texts)` returns `(labels, probs)`: the class names of the columns and a
-    (N, C) probability array. A sequence whose most probable class is not one of `names` (e.g. an
-    `unknown` class), or whose top probability is below the classifier's `unknown_below` threshold when it
-    has one, is routed as unknown; every expert must be one of the classes.
-    """
+    A sequence whose most probable class is not one of `names` (e.g. an `unknown` class), or whose top
+    probability is 0 or below `unknown_below` (the classifier's confidence threshold), is unknown (−1);
+    where it then goes is `fallback`'s rule. Every expert must be one of the classes. The grid
+    (`text_router`) and the Serve ingress both route through here."""
+    labels, probs = list(labels), torch.as_tensor(probs, dtype=torch.float32)
+    missing = [n for n in names if n not in labels]
+    if missing:
+        raise MomeError(f"the router has no class for expert(s) {missing} (its classes: {labels}); "
+                        f"retrain the router on every expert's language")
+    cols = torch.tensor([labels.index(n) for n in names])
+    top, arg = probs.max(1)
+    sure = (top > 0) & (top >= unknown_below)
+    index = torch.tensor([list(names).index(labels[a]) if labels[a] in names and ok else UNKNOWN
+                          for a, ok in zip(arg.tolist(), sure.tolist())])
+    return Routing(index, probs[:, cols])
+
+
+def fallback(routing: Routing, n_names: int, has_common: bool) -> torch.Tensor:
+    """Where each sequence goes as routed top-1, as an index into the members (names, then common):
+    its expert, or for an unknown one the common expert when there is one, else the most probable expert."""
+    unknown = routing.index == UNKNOWN
+    other = torch.full_like(routing.index, n_names) if has_common else routing.probs.argmax(1)
+    return torch.where(unknown, other, routing.index)
+
+
+def text_router(classifier: Any, tokenizer: Any, names: Sequence[str]) -> Router:
+    """Adapt a text classifier to a `Router`: decode each sequence's ids with the tokenizer and classify it
+    (`classifier.predict_proba(texts)` -> (labels, probs); its `unknown_below`, if any: see `decide`)."""
 
     def route(input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> Routing:
         rows = input_ids.tolist() if attention_mask is None else [
             [t for t, keep in zip(ids, mask) if keep] for ids, mask in zip(input_ids.tolist(), attention_mask.tolist())]
         labels, probs = classifier.predict_proba(tokenizer.batch_decode(rows))
-        labels, probs = list(labels), torch.as_tensor(probs, dtype=torch.float32)
-        missing = [n for n in names if n not in labels]
-        if missing:
-            raise MomeError(f"the router has no class for expert(s) {missing} (its classes: {labels}); "
-                            f"retrain the router on every expert's language")
-        cols = torch.tensor([labels.index(n) for n in names])
-        top, arg = probs.max(1)
-        best = [labels[i] for i in arg.tolist()]
-        # Below the classifier's own confidence threshold (if it has one), or no probability at all: unknown.
-        sure = (top > 0) & (top >= getattr(classifier, "unknown_below", 0.0))
-        index = torch.tensor([list(names).index(b) if b in names and ok else UNKNOWN
-                              for b, ok in zip(best, sure.tolist())])
-        return Routing(index.to(input_ids.device), probs[:, cols].to(input_ids.device))
+        r = decide(labels, probs, names, getattr(classifier, "unknown_below", 0.0))
+        return Routing(r.index.to(input_ids.device), r.probs.to(input_ids.device))
 
     return route
 
@@ -179,12 +194,14 @@ class MoEOutput:
     logits: torch.Tensor  # (B, T, V); log-probabilities when experts' distributions were mixed
     loss: torch.Tensor | None  # next-token cross-entropy when labels were given (−100 = ignore)
     experts: list[tuple[str, ...]]  # per sequence, the experts that ran (the common one included)
+    selected: list[dict[str, float]]  # per sequence, the members mixed (one when routed top-1) and their weights
 
 
 @dataclass
 class Scores:
     logprobs: torch.Tensor  # (B, T−1): log p(token t+1 | ≤ t); 0 where the target is padding
     experts: list[tuple[str, ...]]
+    selected: list[dict[str, float]]
 
 
 @dataclass
@@ -218,7 +235,7 @@ class MoE(nn.Module):
         plan = self._plan(input_ids, attention_mask, routing, force, mode, k, common, mix)
         logits = self._run(input_ids, attention_mask, plan)
         loss = lm_loss(logits, labels) if labels is not None else None
-        return MoEOutput(logits, loss, self._ran(plan))
+        return MoEOutput(logits, loss, self._ran(plan), self._selected(plan))
 
     def score(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **select) -> Scores:
         """Per-token log-probabilities of the next token; `select`: forward's routing options."""
@@ -226,17 +243,31 @@ class MoE(nn.Module):
         logprobs = F.log_softmax(out.logits[:, :-1].float(), -1).gather(-1, input_ids[:, 1:, None]).squeeze(-1)
         if attention_mask is not None:
             logprobs = logprobs * attention_mask[:, 1:]
-        return Scores(logprobs, out.experts)
+        return Scores(logprobs, out.experts, out.selected)
+
+    def selected(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                 **select) -> list[dict[str, float]]:
+        """Per sequence, the members a call with these options mixes (one when routed top-1), with weights."""
+        return self._selected(self._plan(input_ids, attention_mask, select.pop("routing", None), **select))
 
     @torch.no_grad()
     def generate(self, input_ids: torch.Tensor, max_new_tokens: int = 32, temperature: float = 1.0,
                  top_p: float = 1.0, seed: int = 0, eos_id: int | None = None, **select) -> torch.Tensor:
-        """Continue equal-length prompts (B, T) -> (B, T + n). Routing is decided once, on the prompt.
+        """Continue equal-length prompts (B, T) -> (B, T + n): `decode`'s tokens appended."""
+        ids = input_ids
+        for nxt in self.decode(input_ids, max_new_tokens, temperature, top_p, seed, eos_id, **select):
+            ids = torch.cat([ids, nxt[:, None]], 1)
+        return ids
+
+    @torch.no_grad()
+    def decode(self, input_ids: torch.Tensor, max_new_tokens: int = 32, temperature: float = 1.0,
+               top_p: float = 1.0, seed: int = 0, eos_id: int | None = None, **select) -> Iterator[torch.Tensor]:
+        """Each step's next token (B,) for equal-length prompts (B, T). Routing is decided once, on the prompt.
 
         Temperature 0 is greedy; otherwise nucleus sampling from a generator seeded with `seed`, so a seed
-        gives the same text. A sequence that emitted `eos_id` is padded with it; the loop stops when all
+        gives the same text. A sequence that emitted `eos_id` is padded with it; decoding stops when all
         have. No KV cache: each step reruns the last `n_positions` tokens (fine for the small experts).
-        Call `moe.eval()` first (dropout).
+        Call `moe.eval()` first (dropout). What Serve streams (serve/app.py) and the grid's model generate.
         """
         if temperature < 0 or not 0 < top_p <= 1:
             raise MomeError(f"generate needs temperature >= 0 and 0 < top_p <= 1, got {temperature} and {top_p}")
@@ -250,9 +281,9 @@ class MoE(nn.Module):
                 nxt = torch.where(done, torch.full_like(nxt, eos_id), nxt)
                 done |= nxt == eos_id
             ids = torch.cat([ids, nxt[:, None]], 1)
+            yield nxt
             if done.all():
-                break
-        return ids
+                return
 
     def active_params(self, force: str | Sequence[str] | None = None, mode: str = "top1", k: int = 2,
                       common: bool | None = None) -> int:
@@ -293,15 +324,14 @@ class MoE(nn.Module):
         routing = Routing(routing.index.to(weights.device), routing.probs.to(weights.device))
         unknown = routing.index == UNKNOWN
         if mode == "top1":
-            weights[torch.arange(n), routing.index.clamp(min=0)] = 1.0
+            weights[torch.arange(n), routing.index.clamp(min=0)] = 1.0  # unknown rows: set below
         else:
             if not 1 <= k <= len(self.names):
                 raise MomeError(f"top-k needs 1 <= k <= {len(self.names)} (the number of experts), got {k}")
             top = routing.probs.float().topk(k, dim=1)
             weights.scatter_(1, top.indices, top.values / top.values.sum(1, keepdim=True).clamp(min=1e-12))
-        fallback = torch.full((n,), len(self.names), device=weights.device) if self.experts.has_common \
-            else routing.probs.argmax(1)
-        weights[unknown] = F.one_hot(fallback[unknown], len(self.members)).float()
+        to = fallback(routing, len(self.names), self.experts.has_common)
+        weights[unknown] = F.one_hot(to[unknown], len(self.members)).float()
         return _Plan(weights, mix if mode == "topk" else None, common)
 
     def _route(self, input_ids, attention_mask) -> Routing:
@@ -325,6 +355,10 @@ class MoE(nn.Module):
 
     def _common(self, common: bool | None) -> bool:
         return self.experts.combines_common if common is None else common
+
+    def _selected(self, plan: _Plan) -> list[dict[str, float]]:
+        return [{self.members[m]: round(float(row[m]), 6) for m in row.nonzero().flatten().tolist()}
+                for row in plan.weights.cpu()]
 
     def _ran(self, plan: _Plan) -> list[tuple[str, ...]]:
         extra = (COMMON,) if plan.common else ()

@@ -1,14 +1,17 @@
 """What the Serve app serves, without Ray: the served run (`ServeSpec`), one served LM (`ServedLM`), config.
 
-    spec = load_spec("runs/small")                    # experts + router + tokenizer of the run's MoE artifact
-    lm = ServedLM(spec.backends["fr"])                # one expert, loaded from safetensors only
+    spec = load_spec("runs/small")                    # the variant serve.model names (default: the grid's best)
+    moe = load_moe({n: fetched(stage) for n, stage in spec.parts.items()}, spec.variant)   # moe.MoE, as the grid's
+    lm = ServedLM("runs/small/teacher")               # one HF LM (the teacher), loaded from safetensors only
     lm.score([[12, 7, 99]])                           # per-token log p(next token), one list per row
     for step in lm.generate([GenRequest(ids, 32, temperature=0.8, top_p=0.95, seed=1)]):
         ...                                           # one new token per request per step (None once done)
 
-`serve/app.py` puts one `ServedLM` in each expert deployment and the router in the ingress. Generation is
-batched across requests of different lengths (left padding + explicit positions) with a KV cache, and
-each request samples from its own seeded generator, so a seed gives the same text alone or in a batch.
+`serve/app.py` puts the MoE in one deployment (the same `moe.MoE` the evaluation grid scores: routing rules,
+top-k mixing and generation live there), the teacher's `ServedLM` in another and the router in the ingress.
+The teacher's generation is batched across requests of different lengths (left padding + explicit
+positions) with a KV cache, and each request samples from its own seeded generator, so a seed gives the
+same text alone or in a batch.
 """
 
 from __future__ import annotations
@@ -75,7 +78,8 @@ class ServeLimits:
 
 @dataclass
 class ServeConfig:
-    artifact: str = "moe"  # RUN_DIR/<artifact>/ple.json: the MoE to serve (e.g. moe_plus_es after add-expert)
+    artifact: str = "moe"  # RUN_DIR/<artifact>/: the MoE to serve (e.g. moe_plus_es after add-expert)
+    model: str = "best"  # ple | jeet | moe-ce | best (the grid's best, routed top-1 as trained: `load_spec`)
     teacher: bool = True  # also deploy the teacher (request it with expert="teacher"): the baseline to compare
     host: str = "127.0.0.1"  # `mome serve` binds loopback unless told otherwise
     port: int = 8000
@@ -87,11 +91,12 @@ class ServeConfig:
     access_log: bool = False  # per-request access logs (off: they cost throughput, DESIGN.md)
     limits: ServeLimits = field(default_factory=ServeLimits)
     router: DeploymentArgs = field(default_factory=lambda: DeploymentArgs(num_cpus=0.25, max_batch_size=32))
-    expert: DeploymentArgs = field(default_factory=DeploymentArgs)  # every expert and the teacher
-    experts: dict[str, DeploymentArgs] = field(default_factory=dict)  # per-expert overrides, e.g. {py: {...}}
+    moe: DeploymentArgs = field(default_factory=lambda: DeploymentArgs(num_cpus=0.5))  # the MoE: every expert
+    baseline: DeploymentArgs = field(default_factory=DeploymentArgs)  # the teacher
 
-    def expert_args(self, name: str) -> DeploymentArgs:
-        return self.experts.get(name, self.expert)
+    def __post_init__(self):
+        if self.model not in MODELS:
+            raise MomeError(f"serve.model '{self.model}' is not one of {list(MODELS)}")
 
     def token(self) -> str:
         return read_token(self.token_env, self.token_file)
@@ -111,22 +116,42 @@ def read_token(token_env: str, token_file: str) -> str:
     return token
 
 
+VARIANTS = {"ple": "PLE", "jeet": "JEET", "moe-ce": "MoE-CE"}  # serve.model -> the evaluation grid's model label
+MODELS = ("best", *VARIANTS)
+# The grid row a variant is chosen by (serve.model=best): routed top-1, as it was trained (MoE-CE with its common).
+AS_TRAINED = {"ple": "top-1", "jeet": "top-1", "moe-ce": "top-1 + common"}
+
+
 @dataclass
 class ServeSpec:
-    """A run's servable parts, as artifacts of its storage: one per backend (experts, common, teacher), the
-    router and the tokenizer. Replicas fetch them from `run` (a URI or an absolute path) on their own node."""
+    """A run's servable parts, as artifacts of its storage: the MoE variant's (PLE: one model per expert;
+    JEET / MoE-CE: one model), the teacher, the router and the tokenizer. Replicas fetch them from `run`
+    (a URI or an absolute path) on their own node."""
 
     run: str
-    backends: dict[str, str]  # name -> artifact (e.g. "experts/fr"): language experts in order, then common, teacher
-    langs: list[str]  # the routable experts
+    variant: str  # ple | jeet | moe-ce
+    parts: dict[str, str]  # artifact per part: PLE {expert: "experts/fr", ...}; JEET / MoE-CE {variant: "moe/jeet"}
+    langs: list[str]  # the routable experts, in the MoE's order
+    has_common: bool  # MoE-CE, or a PLE with a common model
+    n_positions: int  # the MoE's context (the shortest of its parts)
     router: str | None  # the router artifact, e.g. "router"
+    teacher: str | None  # the teacher artifact (the baseline), or None
+    why: str = ""  # how the variant was chosen (said at start-up)
     tokenizer: str = "tokenizer"
 
+    @property
+    def members(self) -> list[str]:
+        return self.langs + ([COMMON] if self.has_common else [])
 
-def load_spec(run, artifact: str = "moe", teacher: bool = True) -> ServeSpec:
-    """The MoE artifact RUN_DIR/<artifact>/ple.json (written by `mome moe` / `mome add-expert`) as a ServeSpec."""
+
+def load_spec(run, artifact: str = "moe", teacher: bool = True, model: str = "best") -> ServeSpec:
+    """What `serve.model` names in MoE artifact RUN_DIR/<artifact>/ (ple.json, written by `mome moe` / `mome
+    add-expert`; jeet/ and moe-ce/ from `mome moe`): `best` is the variant with the lowest mean test perplexity
+    routed top-1, as trained, in that artifact's grid.csv (PLE when there is no grid)."""
     from mome_ray.artifacts import as_store
 
+    if model not in MODELS:
+        raise MomeError(f"serve.model '{model}' is not one of {list(MODELS)}")
     store = as_store(run)
     index = store.uri(artifact, "ple.json")
     raw = store.read_bytes(f"{artifact}/ple.json")
@@ -138,15 +163,76 @@ def load_spec(run, artifact: str = "moe", teacher: bool = True) -> ServeSpec:
         experts = {str(k): str(v) for k, v in ple["experts"].items()}
     except (ValueError, KeyError, TypeError, AttributeError) as e:
         raise MomeError(f"'{index}' is not a valid MoE artifact ({e}); re-run `mome moe`") from None
-    langs = [n for n in experts if n != COMMON]
-    backends = dict(experts)
-    if teacher and (store.exists(f"{TEACHER}/config.json")):
-        backends[TEACHER] = TEACHER
-    for name, stage in backends.items():
+    variant, why = (model, f"serve.model={model}") if model != "best" else best_variant(store, artifact)
+    if variant == "ple":
+        parts, langs = experts, [n for n in experts if n != COMMON]
+        has_common = COMMON in experts
+        contexts = [_config(store, stage)["n_positions"] for stage in parts.values()]
+    else:
+        stage = f"{artifact}/{variant}"
+        if not store.exists(f"{stage}/config.json"):
+            raise MomeError(f"serve.model={variant}: no {VARIANTS[variant]} model at '{store.uri(stage)}' "
+                            f"(`mome moe` trains it; `mome add-expert` builds a PLE only): serve serve.model=ple")
+        cfg = _config(store, stage)
+        parts, langs, has_common, contexts = {variant: stage}, list(cfg["langs"]), bool(cfg["common"]), \
+            [cfg["model"]["n_positions"]]
+    for name, stage in parts.items():
         check_artifact(store, name, stage)
     if not langs:
         raise MomeError(f"'{index}' lists no language experts")
-    return ServeSpec(store.location, backends, langs, ple.get("router") or None)
+    has_teacher = teacher and store.exists(f"{TEACHER}/config.json")
+    if has_teacher:
+        check_artifact(store, TEACHER, TEACHER)
+    return ServeSpec(store.location, variant, parts, langs, has_common, min(contexts), ple.get("router") or None,
+                     TEACHER if has_teacher else None, why)
+
+
+def best_variant(store, artifact: str) -> tuple[str, str]:
+    """(variant, why): the grid's best routed top-1 row, as trained, among the variants the artifact has."""
+    import csv
+    import io
+
+    raw = store.read_bytes(f"{artifact}/grid.csv")
+    if raw is None:
+        return "ple", f"no {artifact}/grid.csv to choose by: PLE"
+    scores = {}
+    for row in csv.DictReader(io.StringIO(raw.decode())):
+        for variant, label in VARIANTS.items():
+            routed = row["row"].split(" ", 1)[-1] == AS_TRAINED[variant]  # "router top-1" or "oracle top-1"
+            if row["model"] == label and routed and row.get("mean_ppl") and \
+                    (variant == "ple" or store.exists(f"{artifact}/{variant}/config.json")):
+                scores[variant] = float(row["mean_ppl"])
+    if not scores:
+        return "ple", f"no routed top-1 rows in {artifact}/grid.csv: PLE"
+    best = min(scores, key=scores.get)
+    shown = ", ".join(f"{VARIANTS[v]} {p:,.1f}" for v, p in sorted(scores.items(), key=lambda kv: kv[1]))
+    return best, f"best mean test perplexity routed top-1 in {artifact}/grid.csv ({shown})"
+
+
+def _config(store, stage: str) -> dict:
+    raw = store.read_bytes(f"{stage}/config.json")
+    if raw is None:
+        raise MomeError(f"no model at '{store.uri(stage)}' (config.json missing)")
+    return json.loads(raw)
+
+
+def load_moe(spec_parts: dict[str, Path], variant: str, device: str | torch.device = "cpu"):
+    """The served MoE from its parts' local directories (`ServeSpec.parts`, fetched): PLE's models or the
+    JEET / MoE-CE model, safetensors only, in eval mode, with no router (the ingress routes)."""
+    from transformers import AutoModelForCausalLM
+
+    from mome_ray.jeet import JEETModel
+    from mome_ray.moe import MoE, PLEExperts
+
+    for name, d in spec_parts.items():
+        check_model_dir(name, Path(d))
+    if variant == "ple":
+        bank = PLEExperts({n: AutoModelForCausalLM.from_pretrained(str(d), use_safetensors=True)
+                           for n, d in spec_parts.items()})
+    else:
+        (d,) = spec_parts.values()
+        bank = JEETModel.load(Path(d))
+    return MoE(bank).to(device).eval()
 
 
 def check_artifact(store, name: str, stage: str) -> str:
@@ -185,6 +271,7 @@ class GenRequest:
     temperature: float = 1.0  # 0 = greedy
     top_p: float = 1.0
     seed: int = 0
+    eos_id: int | None = None  # stop there (the MoE; a ServedLM stops at its model's own eos)
 
 
 class ServedLM:
@@ -214,13 +301,6 @@ class ServedLM:
         logp = F.log_softmax(self.model(input_ids=ids, attention_mask=mask, position_ids=pos).logits.float(), -1)
         picked = logp[:, :-1].gather(-1, ids[:, 1:, None]).squeeze(-1)
         return [picked[i, : len(r) - 1].tolist() for i, r in enumerate(rows)]
-
-    @torch.inference_mode()
-    def next_logprobs(self, rows: list[list[int]]) -> torch.Tensor:
-        """(B, V) log-probabilities of the token after each row (for mixing experts in the ingress)."""
-        ids, mask, pos = self._pad(rows, left=True)
-        return F.log_softmax(self.model(input_ids=ids, attention_mask=mask, position_ids=pos).logits[:, -1].float(),
-                             -1).cpu()
 
     @torch.inference_mode()
     def generate(self, reqs: list[GenRequest]) -> Iterator[list[int | None]]:

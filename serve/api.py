@@ -48,7 +48,7 @@ class ScoreRequest(Select):
 
 
 class ScoreResponse(BaseModel):
-    experts: list[str]
+    experts: list[str]  # the experts mixed (one when routed top-1 or forced), MoE-CE's common averaged in besides
     weights: list[float]
     route: Route | None  # the router's decision (None when an expert was forced)
     tokens: list[str]
@@ -116,6 +116,7 @@ class ExpertInfo(BaseModel):
 
 
 class ExpertsResponse(BaseModel):
+    variant: str  # the served MoE: ple | jeet | moe-ce (MoE-CE averages its common expert into every expert)
     experts: list[ExpertInfo]
     router: dict  # classes, unknown_below, version
 
@@ -128,7 +129,7 @@ class ModelCard(BaseModel):
     created: int
     owned_by: str = "mome-ray"
     kind: Literal["moe", "language", "common", "teacher"]
-    variant: str | None = None  # the MoE's variant (ple) for "mome"
+    variant: str | None = None  # the MoE's variant (ple | jeet | moe-ce) for "mome"
 
 
 class ModelList(BaseModel):

@@ -1,19 +1,21 @@
-"""The Ray Serve application: a router ingress (FastAPI) composed with one deployment per expert.
+"""The Ray Serve application: a router ingress (FastAPI) composed with the MoE and the teacher.
 
     mome serve runs/small                                   # local, 127.0.0.1:8000
     serve run serve.app:build_app run_dir=runs/small        # the same with Serve's CLI
     serve deploy serve/config.yaml                          # on a running cluster
 
-Deployments (names as in serve/config.yaml): `router` (the ingress: tokenizer + router, the HTTP API) and
-`expert-<name>` for each language expert, the common expert when the MoE has one and the teacher (the
-baseline). The ingress awaits its expert handles; it never blocks on them. Routing texts in the ingress
-and scoring / generating in each expert are batched across concurrent requests (`@serve.batch`).
+Deployments (names as in serve/config.yaml): `router` (the ingress: tokenizer + router, the HTTP API), `moe`
+(the MoE variant `serve.model` names: PLE, JEET or MoE-CE, every expert loaded once per replica) and
+`teacher` (the baseline). The ingress routes each text (`moe.decide`, batched across requests) and hands
+the decision to `moe`, which runs the same `moe.MoE` as the evaluation grid: the unknown rule, forcing,
+top-k mixing and generation are `moe.py`'s, so what is served is what was evaluated. The ingress awaits its
+handles; it never blocks on them. Scores are batched across concurrent requests (`@serve.batch`).
 
-An expert loads its model in `reconfigure` from its `user_config` ({model_dir, version, batch options}).
-A deploy config whose only change is one expert's user_config (`mome serve RUN_DIR --deploy-config F`
-after a re-distil: the version is the weights' sha256) makes Serve reconfigure that expert in place: no
-replica restarts, requests in flight finish on the model they started with, nothing is dropped.
-(Changing the app's `args`, or `serve.run` from Python, replaces every replica instead.)
+A model loads in `reconfigure` from its deployment's `user_config` ({artifacts, versions, batch options}).
+A deploy config whose only change is a user_config (`mome serve RUN_DIR --deploy-config F` after a
+re-distil: versions are the weights' sha256) makes Serve reconfigure that deployment in place: no replica
+restarts, requests in flight finish on the model they started with, nothing is dropped. (Changing the
+app's `args`, or `serve.run` from Python, replaces every replica instead.)
 """
 
 from __future__ import annotations
@@ -34,13 +36,13 @@ from pydantic import BaseModel, Field
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
-from mome_ray.jeet import COMMON
-from mome_ray.moe import sample_next
-from mome_ray.router.store import INFO as ROUTER_INFO
 from mome_ray.errors import MomeError
+from mome_ray.jeet import COMMON
+from mome_ray.moe import UNKNOWN, Routing, decide, fallback
+from mome_ray.router.store import INFO as ROUTER_INFO
+from mome_ray.serving import (TEACHER, TOKEN_ENV, VARIANTS, GenRequest, ServeConfig, ServedLM, ServeSpec,
+                               check_artifact, load_moe, load_spec, read_token)
 from mome_ray.storage import RunStore
-from mome_ray.serving import (TEACHER, TOKEN_ENV, GenRequest, ServeConfig, ServedLM, ServeSpec, check_artifact,
-                               load_spec, read_token)
 from mome_ray.training import process_device
 from serve.api import (CompletionRequest, ExpertInfo, ExpertsResponse, GenerateRequest, GenerateResponse, ModelCard,
                        ModelList, Route, RouteRequest, RouteResponse, ScoreRequest, ScoreResponse, Select)
@@ -48,7 +50,7 @@ from serve.http import http_app
 from serve.streams import Generation, choice, choice_stream, merged, sse, usage
 
 ROUTED = "mome"  # the OpenAI model id of the routed MoE; an expert's name forces that expert
-VARIANT = "ple"  # the MoE variant served (its experts as separate LMs)
+MOE = "moe"  # the MoE's deployment (and handle) name
 
 def replica_setup(threads: int) -> None:
     """torch threads = the replica's CPUs; no progress bars or INFO lines from transformers."""
@@ -61,27 +63,24 @@ def replica_setup(threads: int) -> None:
 
 @serve.deployment
 class Expert:
-    """One causal LM (a language expert, the common expert or the teacher): batched score and generate.
+    """One HF causal LM (the teacher, the baseline): batched score and generate with a KV cache.
 
     The batch queues belong to the instance (`serve.batch` over bound methods): a queue on the class would
-    be shared by every expert living in one process (Serve's local testing mode) and mix their requests.
+    be shared by every deployment living in one process (Serve's local testing mode) and mix their requests.
     """
 
     def __init__(self, name: str, threads: int):
         replica_setup(threads)
         self.name, self.lm, self.source = name, None, None
         batch = serve.batch(max_batch_size=1)  # sizes from the user_config, in reconfigure
-        self._score, self._next = batch(self._score_rows), batch(self._next_rows)
-        self._generate = batch(self._generate_rows)
+        self._score, self._generate = batch(self._score_rows), batch(self._generate_rows)
 
     def reconfigure(self, config: dict) -> None:
         """Load artifact `config["stage"]` of run `config["run"]` (fetched to this replica's node) unless this
         version is already loaded; then swap (a hot update). Serve calls it right after `__init__` with the
         deployment's user_config: the only place a model loads, so a replica started after a hot update loads
         the new version once (not the one it was first bound with, then the new one)."""
-        for queue in (self._score, self._next, self._generate):
-            queue.set_max_batch_size(config["max_batch_size"])
-            queue.set_batch_wait_timeout_s(config["batch_wait_timeout_s"])
+        set_batching((self._score, self._generate), config)
         source = (config["run"], config["stage"])
         if self.lm is None or self.lm.version != config["version"] or self.source != source:
             # on the replica's GPU when it has one; requests already running keep the model they hold
@@ -91,17 +90,14 @@ class Expert:
     async def check_health(self) -> None:
         """Serve's periodic health check: a replica whose model cannot run a 2-token forward is replaced."""
         if self.lm is None:
-            raise RuntimeError(f"expert {self.name}: no model loaded (its reconfigure never succeeded)")
+            raise RuntimeError(f"{self.name}: no model loaded (its reconfigure never succeeded)")
         await asyncio.to_thread(self.lm.score, [[0, 0]])
 
     def info(self) -> dict:
-        return {"name": self.name, **self.lm.info()}
+        return {"experts": [{"name": self.name, "kind": TEACHER, **self.lm.info()}]}
 
     async def score(self, ids: list[int]) -> list[float]:
         return await self._score(ids)
-
-    async def next_logprobs(self, ids: list[int]) -> torch.Tensor:
-        return await self._next(ids)
 
     async def generate(self, req: GenRequest) -> AsyncIterator[int]:
         """Streams the request's new token ids."""
@@ -111,9 +107,6 @@ class Expert:
     async def _score_rows(self, rows: list[list[int]]) -> list[list[float]]:
         return await asyncio.to_thread(self.lm.score, rows)
 
-    async def _next_rows(self, rows: list[list[int]]) -> list[torch.Tensor]:
-        return list(await asyncio.to_thread(self.lm.next_logprobs, rows))
-
     async def _generate_rows(self, reqs: list[GenRequest]) -> AsyncIterator[list]:
         """Per step, each request's next token id (StopIteration ends that request's stream)."""
         lm = self.lm  # the whole batch runs on one version, whatever reconfigure does meanwhile
@@ -122,10 +115,105 @@ class Expert:
             yield [StopIteration if t is None else t for t in out]
 
 
+def set_batching(queues, config: dict) -> None:
+    for queue in queues:
+        queue.set_max_batch_size(config["max_batch_size"])
+        queue.set_batch_wait_timeout_s(config["batch_wait_timeout_s"])
+
+
+@serve.deployment
+class MoEServer:
+    """The served MoE (PLE, JEET or MoE-CE): `moe.MoE` over every expert, loaded once per replica.
+
+    A request says how it selects experts (`select`): {"routing": {"index", "probs"}} as the ingress's router
+    decided, optionally with {"mode": "topk", "k": k}, or {"force": expert}; `MoE` applies it exactly as in the
+    evaluation grid (the unknown rule, top-k weights, mixing). Scores are batched across requests that select
+    alike; each generation decodes on its own (its seed, alone or among others, gives the same text).
+    """
+
+    def __init__(self, threads: int):
+        replica_setup(threads)
+        self.moe, self.loaded, self.parts = None, None, []
+        self._score = serve.batch(max_batch_size=1)(self._score_rows)  # sizes from the user_config
+
+    def reconfigure(self, config: dict) -> None:
+        """Load the variant's parts (artifacts of the run's storage, fetched to this node) unless these
+        versions are loaded; then swap. The only place the MoE loads (Serve calls it after `__init__`)."""
+        set_batching((self._score,), config)
+        loaded = json.dumps([config["variant"], config["parts"], config["versions"]], sort_keys=True)
+        if loaded != self.loaded:
+            dirs = {n: RunStore(p["run"]).fetch(p["stage"]) for n, p in config["parts"].items()}
+            moe = load_moe(dirs, config["variant"], process_device())
+            self.parts = [{"name": n, "kind": COMMON if n == COMMON else "language",
+                           "version": config["versions"].get(n) or next(iter(config["versions"].values())),
+                           "params": moe.active_params(force=n), "n_positions": moe.experts.n_positions}
+                          for n in moe.members]
+            self.moe, self.loaded, self.variant = moe, loaded, config["variant"]
+
+    async def check_health(self) -> None:
+        """Serve's periodic health check: a replica whose MoE cannot run a 2-token forward is replaced."""
+        if self.moe is None:
+            raise RuntimeError("moe: no model loaded (its reconfigure never succeeded)")
+        ids = torch.zeros(1, 2, dtype=torch.long, device=self._device())
+        await asyncio.to_thread(self.moe.score, ids, force=self.moe.members[0])
+
+    def info(self) -> dict:
+        return {"variant": self.variant, "experts": self.parts}
+
+    async def score(self, ids: list[int], select: dict) -> dict:
+        """{"logprobs": per next token, "selected": {member: weight}, "experts": the members that ran}."""
+        return await self._score((ids, select))
+
+    async def generate(self, req: GenRequest, select: dict) -> AsyncIterator:
+        """Streams {"selected": ..., "experts": ...} first, then the new token ids (`MoE.decode`)."""
+        moe = self.moe  # the whole generation runs on one version, whatever reconfigure does meanwhile
+        ids = torch.tensor([req.ids], device=self._device())
+        kwargs = self._kwargs([select])
+        yield {"selected": moe.selected(ids, **kwargs)[0]}
+        steps = moe.decode(ids, req.max_new_tokens, req.temperature, req.top_p, req.seed, req.eos_id, **kwargs)
+        while (nxt := await asyncio.to_thread(next, steps, None)) is not None:
+            yield int(nxt[0])
+
+    async def _score_rows(self, items: list[tuple[list[int], dict]]) -> list[dict]:
+        return await asyncio.to_thread(self._score_sync, items)
+
+    def _score_sync(self, items: list[tuple[list[int], dict]]) -> list[dict]:
+        moe, out = self.moe, [None] * len(items)
+        groups: dict[str, list[int]] = {}  # requests that select alike run as one padded batch
+        for i, (_, select) in enumerate(items):
+            groups.setdefault(json.dumps({k: v for k, v in select.items() if k != "routing"}, sort_keys=True),
+                              []).append(i)
+        for rows in groups.values():
+            width = max(len(items[i][0]) for i in rows)
+            ids = torch.zeros(len(rows), width, dtype=torch.long)
+            mask = torch.zeros(len(rows), width, dtype=torch.long)
+            for j, i in enumerate(rows):
+                ids[j, : len(items[i][0])], mask[j, : len(items[i][0])] = torch.tensor(items[i][0]), 1
+            device = self._device()
+            with torch.inference_mode():
+                scores = moe.score(ids.to(device), mask.to(device), **self._kwargs([items[i][1] for i in rows]))
+            for j, i in enumerate(rows):
+                out[i] = {"logprobs": scores.logprobs[j, : len(items[i][0]) - 1].tolist(),
+                          "selected": scores.selected[j], "experts": list(scores.experts[j])}
+        return out
+
+    def _kwargs(self, selects: list[dict]) -> dict:
+        """`MoE` keyword arguments for rows that select alike: their routings stacked into one `Routing`."""
+        kwargs = {k: v for k, v in selects[0].items() if k != "routing"}
+        if "routing" in selects[0]:
+            device = self._device()
+            kwargs["routing"] = Routing(torch.tensor([s["routing"]["index"] for s in selects], device=device),
+                                        torch.tensor([s["routing"]["probs"] for s in selects], device=device))
+        return kwargs
+
+    def _device(self) -> torch.device:
+        return next(self.moe.parameters()).device
+
+
 @serve.deployment
 @serve.ingress()
 class Gateway:
-    """The ingress: validates, routes each prompt (batched), calls the experts' handles, answers.
+    """The ingress: validates, routes each prompt (batched), hands that to the MoE or the teacher, answers.
 
     The HTTP routes (serve/http.py) call these methods; so can a handle (Serve's local testing mode).
     A client mistake raises HTTPException(4xx) with a message that says what was wrong.
@@ -139,7 +227,8 @@ class Gateway:
         # Not `torch.` here: cloudpickle pickles this class by value (it is wrapped by @serve.ingress) and
         # takes `.classes` below for a use of the module `torch.classes`, which does not pickle.
         replica_setup(1)
-        self.handles, self.langs, self.kinds = experts, spec["langs"], spec["kinds"]
+        self.handles, self.langs, self.members = experts, spec["langs"], spec["members"]
+        self.has_common = COMMON in self.members
         self.n_positions, self.limits = spec["n_positions"], from_dict(ServeLimits, spec["limits"])
         store = RunStore(spec["run"])
         self.tok = load_tokenizer(store.fetch(spec["tokenizer"]))  # this replica's node's copies
@@ -175,48 +264,60 @@ class Gateway:
         return {"status": "ok"}
 
     async def readyz(self) -> dict:
-        """Readiness: every expert answers within 10 s (one RPC each, hence behind the token)."""
+        """Readiness: the MoE and the teacher answer within 10 s (one RPC each, hence behind the token)."""
         try:
             await asyncio.wait_for(asyncio.gather(*[h.info.remote() for h in self.handles.values()]), 10)
-        except Exception as e:  # an expert is down or restarting: not ready (a server state, not a client error)
-            raise HTTPException(503, f"an expert is not answering: {type(e).__name__}") from None
-        return {"status": "ready", "experts": list(self.handles)}
+        except Exception as e:  # a deployment is down or restarting: not ready (a server state, not a client error)
+            raise HTTPException(503, f"a deployment is not answering: {type(e).__name__}") from None
+        return {"status": "ready", "experts": self.servable}
+
+    @property
+    def servable(self) -> list[str]:
+        """What `expert` / an OpenAI `model` may name: the MoE's members, then the teacher if served."""
+        return self.members + ([TEACHER] if TEACHER in self.handles else [])
 
     async def models(self) -> ModelList:
         """OpenAI's model list: "mome" (routed) and each expert (forced), from what this replica knows."""
         cards = [ModelCard(id=ROUTED, created=self.created, kind="moe", variant=self.variant)]
-        cards += [ModelCard(id=n, created=self.created, kind=self.kinds[n]) for n in self.handles]
+        cards += [ModelCard(id=n, created=self.created, kind=self._kind(n)) for n in self.servable]
         return ModelList(data=cards)
 
     async def model(self, name: str) -> ModelCard:
         card = next((c for c in (await self.models()).data if c.id == name), None)
         if card is None:
-            raise HTTPException(404, f"no model '{name}': this app serves {[ROUTED, *self.handles]}")
+            raise HTTPException(404, f"no model '{name}': this app serves {[ROUTED, *self.servable]}")
         return card
 
     async def experts(self) -> ExpertsResponse:
         infos = await asyncio.gather(*[h.info.remote() for h in self.handles.values()])
-        return ExpertsResponse(experts=[ExpertInfo(kind=self.kinds[i["name"]], **i) for i in infos],
+        return ExpertsResponse(variant=self.variant, experts=[ExpertInfo(**e) for i in infos for e in i["experts"]],
                                router=self.router_info)
+
+    def _kind(self, name: str) -> str:
+        return TEACHER if name == TEACHER else COMMON if name == COMMON else "language"
 
     async def route(self, body: RouteRequest) -> RouteResponse:
         texts = self._batch([body.prompt] if isinstance(body.prompt, str) else body.prompt)
         self._need_router()
-        return RouteResponse(results=list(await asyncio.gather(*[self._route_batch(t) for t in texts])))
+        return RouteResponse(results=[r for r, _ in await asyncio.gather(*[self._route_batch(t) for t in texts])])
 
     async def score(self, body: ScoreRequest) -> ScoreResponse:
         ids = self._encode(body.prompt)
-        experts, weights, route = await self._select(body, body.prompt)
-        self._check_fits(experts, len(ids), 0)
-        rows = await asyncio.gather(*[self.handles[e].score.remote(ids) for e in experts])
-        logp = torch.logsumexp(torch.tensor(rows) + torch.tensor(weights).log()[:, None], 0)  # mix probabilities
-        return ScoreResponse(experts=experts, weights=weights, route=route,
-                             tokens=[self.tok.decode([i]) for i in ids[1:]], logprobs=logp.tolist(),
-                             perplexity=math.exp(-logp.mean().item()))
+        target, select, route = await self._select(body, body.prompt)
+        self._check_fits(target, len(ids), 0)
+        if target == TEACHER:
+            out = {"logprobs": await self.handles[TEACHER].score.remote(ids), "selected": {TEACHER: 1.0},
+                   "experts": [TEACHER]}
+        else:
+            out = await self.handles[MOE].score.remote(ids, select)
+        logp = out["logprobs"]
+        return ScoreResponse(experts=list(out["selected"]), weights=list(out["selected"].values()), route=route,
+                             tokens=[self.tok.decode([i]) for i in ids[1:]], logprobs=logp,
+                             perplexity=math.exp(-sum(logp) / len(logp)))
 
     async def generate(self, body: GenerateRequest):
         plan = await self._plan(body, body.prompt, body.max_new_tokens)
-        run = self._launch(plan, body.max_new_tokens, body.temperature, body.top_p, body.seed)
+        run = await self._launch(plan, body.max_new_tokens, body.temperature, body.top_p, body.seed)
         if body.stream:
             return sse(self._generate_events(run))
         text, n, reason = await run.collect()
@@ -230,7 +331,8 @@ class Gateway:
         seed = body.seed if body.seed is not None else secrets.randbelow(2**31)
         texts = self._batch(body.texts)
         plans = await asyncio.gather(*[self._plan(select, t, body.max_tokens, "max_tokens") for t in texts])
-        runs = [self._launch(p, body.max_tokens, body.temperature, body.top_p, seed) for p in plans]
+        runs = await asyncio.gather(*[self._launch(p, body.max_tokens, body.temperature, body.top_p, seed)
+                                      for p in plans])
         head = {"id": f"cmpl-{uuid.uuid4().hex[:24]}", "object": "text_completion", "created": int(time.time()),
                 "model": body.model}
         if body.stream:
@@ -239,42 +341,38 @@ class Gateway:
         return {**head, "choices": [choice(i, text, reason) for i, (text, _, reason) in enumerate(done)],
                 "usage": usage(runs)}
 
-    # --- routing
+    # --- routing: the router's answer as a `moe.Routing`, which the MoE deployment applies
 
-    async def _route_rows(self, texts: list[str]) -> list[Route]:
+    async def _route_rows(self, texts: list[str]) -> list[tuple[Route, dict]]:
         classes, probs = await asyncio.to_thread(self.router.predict_proba, texts)
-        routes = []
-        for label, row in zip(self.router.decide(probs), probs):  # a class the MoE has no expert for: unknown
-            sure = label in self.langs
-            language = label if sure else "unknown"
-            expert = language if sure else (COMMON if COMMON in self.handles else self._best(classes, row))
-            routes.append(Route(language=language, expert=expert,
-                                probabilities={c: round(float(p), 6) for c, p in zip(classes, row)}))
-        return routes
+        routing = decide(classes, probs, self.langs, self.router.unknown_below)  # not an expert's class: unknown
+        goes = fallback(routing, len(self.langs), self.has_common)  # what the MoE does with it routed top-1
+        out = []
+        for i, row in enumerate(probs):
+            index = int(routing.index[i])
+            route = Route(language=self.langs[index] if index != UNKNOWN else "unknown",
+                          expert=self.members[int(goes[i])],
+                          probabilities={c: round(float(p), 6) for c, p in zip(classes, row)})
+            out.append((route, {"index": index, "probs": routing.probs[i].tolist()}))
+        return out
 
-    def _best(self, classes: list[str], row) -> str:
-        return max(self.langs, key=lambda l: row[classes.index(l)])
-
-    async def _select(self, body: Select, text: str) -> tuple[list[str], list[float], Route | None]:
-        """(experts, weights, route): a forced expert, the routed one, or the top-k mixed."""
+    async def _select(self, body: Select, text: str) -> tuple[str, dict, Route | None]:
+        """(deployment, the MoE's select, route): the teacher, a forced expert, routed top-1 or the top-k mixed."""
         if body.expert is not None:
-            if body.expert not in self.handles:
-                raise HTTPException(422, f"expert: no expert '{body.expert}'; this app serves {list(self.handles)}")
-            return [body.expert], [1.0], None
+            if body.expert not in self.servable:
+                raise HTTPException(422, f"expert: no expert '{body.expert}'; this app serves {self.servable}")
+            return (TEACHER, {}, None) if body.expert == TEACHER else (MOE, {"force": body.expert}, None)
         self._need_router()
-        route = await self._route_batch(text)
-        if body.top_k is None or route.language == "unknown":
-            return [route.expert], [1.0], route
-        if body.top_k > len(self.langs):
+        if body.top_k is not None and body.top_k > len(self.langs):
             raise HTTPException(422, f"top_k: at most {len(self.langs)} (the language experts), got {body.top_k}")
-        top = sorted(self.langs, key=lambda l: -route.probabilities.get(l, 0.0))[: body.top_k]
-        mass = sum(route.probabilities[l] for l in top)
-        return top, [route.probabilities[l] / mass for l in top], route
+        route, routing = await self._route_batch(text)
+        mode = {"mode": "topk", "k": body.top_k} if body.top_k is not None else {}
+        return MOE, {"routing": routing, **mode}, route
 
     def _need_router(self) -> None:
         if self.router is None:
             raise HTTPException(422, "this MoE has no router artifact: force an expert with 'expert' "
-                                     f"(one of {list(self.handles)}) or train one with `mome router`")
+                                     f"(one of {self.servable}) or train one with `mome router`")
 
     # --- tokens and limits
 
@@ -300,46 +398,35 @@ class Gateway:
                                      f"{self.limits.max_prompt_tokens} (serve.limits.max_prompt_tokens)")
         return ids
 
-    def _check_fits(self, experts: list[str], prompt: int, new: int) -> None:
-        context = min(self.n_positions[e] for e in experts)
+    def _check_fits(self, target: str, prompt: int, new: int) -> None:
+        context = self.n_positions[target]
         if prompt + new > context:
             what = f"a prompt of {prompt - 1} tokens" + (f" + max_new_tokens {new}" if new else "")
-            raise HTTPException(422, f"{what} does not fit the context of expert(s) {experts}: {context} tokens "
+            raise HTTPException(422, f"{what} does not fit the context of the {target}: {context} tokens "
                                      f"including one start token; shorten the prompt" + (" or ask for fewer "
                                      "tokens" if new else ""))
 
     # --- generation
 
     async def _plan(self, select: Select, text: str, max_new: int, field: str = "max_new_tokens") -> tuple:
-        """(prompt ids, experts, weights, route) of one generation, every bound checked: nothing has started."""
+        """(prompt ids, deployment, select, route) of one generation, every bound checked: nothing has started."""
         if max_new > self.limits.max_new_tokens:
             raise HTTPException(422, f"{field}: {max_new} is over the limit of {self.limits.max_new_tokens} "
                                      f"(serve.limits.max_new_tokens)")
         ids = self._encode(text)
-        experts, weights, route = await self._select(select, text)
-        self._check_fits(experts, len(ids), max_new)
-        return ids, experts, weights, route
+        target, moe_select, route = await self._select(select, text)
+        self._check_fits(target, len(ids), max_new)
+        return ids, target, moe_select, route
 
-    def _launch(self, plan, max_new: int, temperature: float, top_p: float, seed: int) -> Generation:
-        ids, experts, weights, route = plan
-        req = GenRequest(ids, max_new, temperature, top_p, seed)
-        if len(experts) == 1:
-            tokens = self.handles[experts[0]].options(stream=True).generate.remote(req)
-        else:
-            tokens = self._mixed_tokens(experts, weights, req)
-        return Generation(experts, weights, route, len(ids) - 1, tokens, self.tok, self.eos)
-
-    async def _mixed_tokens(self, experts: list[str], weights: list[float], req: GenRequest) -> AsyncIterator[int]:
-        """Top-k mixing: each step, the experts' next-token distributions weighted by the router, sampled here."""
-        gen, ids, logw = torch.Generator().manual_seed(req.seed), list(req.ids), torch.tensor(weights).log()
-        for _ in range(req.max_new_tokens):
-            dists = await asyncio.gather(*[self.handles[e].next_logprobs.remote(ids) for e in experts])
-            mixed = torch.logsumexp(torch.stack(dists) + logw[:, None], 0)
-            tok = int(sample_next(mixed[None], req.temperature, req.top_p, gen)[0])
-            ids.append(tok)
-            yield tok
-            if tok == self.eos:
-                return
+    async def _launch(self, plan, max_new: int, temperature: float, top_p: float, seed: int) -> Generation:
+        ids, target, select, route = plan
+        req = GenRequest(ids, max_new, temperature, top_p, seed, self.eos)
+        if target == TEACHER:
+            tokens, selected = self.handles[TEACHER].options(stream=True).generate.remote(req), {TEACHER: 1.0}
+        else:  # the MoE says first which experts it selected, then streams the tokens
+            tokens = self.handles[MOE].options(stream=True).generate.remote(req, select)
+            selected = (await tokens.__anext__())["selected"]
+        return Generation(list(selected), list(selected.values()), route, len(ids) - 1, tokens, self.tok, self.eos)
 
     async def _generate_events(self, run: Generation) -> AsyncIterator[dict]:
         yield {"experts": run.experts, "weights": run.weights, "route": run.route.model_dump() if run.route else None}
@@ -363,58 +450,83 @@ class Gateway:
 class AppArgs(BaseModel):
     """`build_app` arguments (`serve run serve.app:build_app run_dir=...` or serve/config.yaml `args:`)."""
 
-    run_dir: str = Field(description="the run directory (holds moe/ple.json, experts/, router/, tokenizer/)")
+    run_dir: str = Field(description="the run directory (holds moe/, experts/, router/, tokenizer/)")
     config: str = Field("", description="a preset YAML whose `serve:` section configures the app")
     overrides: list[str] = Field(default_factory=list, description="config overrides, e.g. serve.teacher=false")
-    models: dict[str, str] = Field(default_factory=dict, description="serve another model dir for an expert")
+    models: dict[str, str] = Field(default_factory=dict, description="serve another model dir for a part (a PLE "
+                                   "expert, the JEET / MoE-CE model, the teacher)")
     require_token: bool = Field(False, description="the ingress refuses to start without a bearer token (set when "
                                                    "the HTTP proxy binds off loopback)")
 
 
 def resolve(args: AppArgs) -> tuple[ServeConfig, ServeSpec, dict[str, dict]]:
-    """The app's config, the served run, and each expert's user_config: its artifact (run + stage, fetched by
-    the replica on its own node), the weights' sha256 (a new version swaps the expert in place:
-    `Expert.reconfigure`) and its batching options."""
+    """The app's config, the served run, and each model deployment's user_config: its artifacts (run + stage,
+    fetched by each replica on its own node), the weights' sha256 per part (a new version swaps the model in
+    place: `reconfigure`) and its batching options."""
     from mome_ray.settings import load_settings
 
     cfg: ServeConfig = load_settings(args.config or None, args.overrides).serve
-    spec = load_spec(args.run_dir, cfg.artifact, cfg.teacher)
-    unknown = sorted(set(args.models) - set(spec.backends))
+    spec = load_spec(args.run_dir, cfg.artifact, cfg.teacher, cfg.model)
+    parts = {**spec.parts, **({TEACHER: spec.teacher} if spec.teacher else {})}
+    unknown = sorted(set(args.models) - set(parts))
     if unknown:
-        raise MomeError(f"models: no expert {unknown} in this run; experts: {list(spec.backends)}")
-    experts = {}
-    for name, stage in spec.backends.items():
+        raise MomeError(f"models: no part {unknown} in the served {VARIANTS[spec.variant]}; parts: {list(parts)}")
+    located = {}
+    for name, stage in parts.items():
         run = spec.run
         if name in args.models:  # another model folder (a path or URI): its parent is the "run"
             location = args.models[name].rstrip("/")
             run, stage = (location.rsplit("/", 1) if "://" in location else
                           (str(Path(location).absolute().parent), Path(location).name))
-        opts = cfg.expert_args(name)
-        experts[name] = {"run": run, "stage": stage, "version": check_artifact(RunStore(run), name, stage),
-                         "max_batch_size": opts.max_batch_size, "batch_wait_timeout_s": opts.batch_wait_timeout_s}
-    return cfg, spec, experts
+        located[name] = {"run": run, "stage": stage, "version": check_artifact(RunStore(run), name, stage)}
+    batching = lambda opts: {"max_batch_size": opts.max_batch_size,  # noqa: E731
+                             "batch_wait_timeout_s": opts.batch_wait_timeout_s}
+    configs = {MOE: {"variant": spec.variant,
+                     "parts": {n: {"run": p["run"], "stage": p["stage"]} for n, p in located.items() if n != TEACHER},
+                     "versions": {n: p["version"] for n, p in located.items() if n != TEACHER}, **batching(cfg.moe)}}
+    if spec.teacher:
+        configs[TEACHER] = {**located[TEACHER], **batching(cfg.baseline)}
+    return cfg, spec, configs
+
+
+def router_mismatch(spec: ServeSpec) -> str:
+    """What start-up says when the router knows languages the served MoE has no expert for (e.g. after
+    `mome add-expert`, whose new MoE is another artifact): "" when they agree."""
+    if not spec.router:
+        return ""
+    raw = RunStore(spec.run).read_bytes(f"{spec.router}/{ROUTER_INFO}")
+    extra = [c for c in (json.loads(raw).get("classes", []) if raw else []) if c not in spec.langs and c != "unknown"]
+    if not extra:
+        return ""
+    return (f"the router knows {extra} but the served MoE has no expert for them: such text is routed as unknown; "
+            f"serve the MoE that has them (e.g. serve.artifact=moe_plus_{extra[0]} after `mome add-expert`)")
 
 
 def build_app(args: AppArgs | dict) -> serve.Application:
-    """The router ingress bound to one expert deployment per backend of the run's MoE artifact."""
+    """The router ingress bound to the MoE deployment (and the teacher's)."""
+    import logging
+
     # Serve passes a dict here: it reads the annotation, a string under `from __future__ import annotations`.
     args = args if isinstance(args, AppArgs) else AppArgs(**args)
-    cfg, spec, experts = resolve(args)
-    handles = {}
-    for name, user_config in experts.items():
-        opts = cfg.expert_args(name)
-        handles[name] = Expert.options(**opts.options(f"expert-{name}", cfg.access_log), user_config=user_config).bind(
-            name, max(1, round(opts.num_cpus)))
-    kinds = {n: "teacher" if n == TEACHER else "common" if n == COMMON else "language" for n in experts}
+    cfg, spec, configs = resolve(args)
+    if warning := router_mismatch(spec):
+        logging.getLogger("ray.serve").warning(warning)
+    handles = {MOE: MoEServer.options(**cfg.moe.options(MOE, cfg.access_log), user_config=configs[MOE]).bind(
+        max(1, round(cfg.moe.num_cpus)))}
+    if spec.teacher:
+        handles[TEACHER] = Expert.options(**cfg.baseline.options(TEACHER, cfg.access_log),
+                                          user_config=configs[TEACHER]).bind(TEACHER, max(1, round(cfg.baseline.num_cpus)))
     store = RunStore(spec.run)
     router_version = None
     if spec.router and (info := store.read_bytes(f"{spec.router}/{ROUTER_INFO}")):
         router_version = json.loads(info).get("sha256", "")[:12] or None  # the sha256 its loader checks it by
-    gateway = {"run": spec.run, "langs": spec.langs, "kinds": kinds, "tokenizer": spec.tokenizer,
+    n_positions = {MOE: spec.n_positions}
+    if spec.teacher:
+        t = configs[TEACHER]
+        n_positions[TEACHER] = json.loads(RunStore(t["run"]).read_bytes(f"{t['stage']}/config.json"))["n_positions"]
+    gateway = {"run": spec.run, "langs": spec.langs, "members": spec.members, "tokenizer": spec.tokenizer,
                "router": spec.router, "router_version": router_version,
-               "router_batch": cfg.router.max_batch_size, "variant": VARIANT, "token_env": cfg.token_env,
+               "router_batch": cfg.router.max_batch_size, "variant": spec.variant, "token_env": cfg.token_env,
                "token_file": cfg.token_file, "require_token": args.require_token,
-               "limits": dataclasses.asdict(cfg.limits),
-               "n_positions": {n: json.loads(RunStore(u["run"]).read_bytes(f"{u['stage']}/config.json"))["n_positions"]
-                               for n, u in experts.items()}}
+               "limits": dataclasses.asdict(cfg.limits), "n_positions": n_positions}
     return Gateway.options(**cfg.router.options("router", cfg.access_log)).bind(handles, gateway)

@@ -6,10 +6,14 @@
     mome serve runs/small --deploy-config app.yaml && serve deploy app.yaml   # a cluster, hot-updatable
     mome serve runs/small --deploy-config app.yaml --host 0.0.0.0 serve.token_file=/etc/mome/token
 
-`--deploy-config` writes a `serve deploy` config pinned to the run's current weights: each expert's
-user_config holds its artifact (the run's location + stage, fetched by each replica on its own node)
-and the weights' sha256. RUN_DIR may be a URI (`mome serve s3://bucket/runs/small`). Write and deploy it again after a re-distil:
-only the changed experts' user_config differs, so Serve swaps them in place (`Expert.reconfigure`).
+`serve.model` picks the MoE variant (ple | jeet | moe-ce; default best: the grid's best routed top-1);
+start-up says which it serves and why, and whether the router knows languages the MoE has no expert for.
+
+`--deploy-config` writes a `serve deploy` config pinned to the run's current weights: the `moe` and
+`teacher` deployments' user_configs hold their artifacts (the run's location + stages, fetched by each
+replica on its own node) and the weights' sha256. RUN_DIR may be a URI (`mome serve s3://bucket/runs/small`).
+Write and deploy it again after a re-distil: only the changed user_config differs, so Serve swaps that
+model in place (`reconfigure`).
 
 The bearer token never goes in a config: the ingress replicas read it in their own environment
 (serve.token_file, else $MOME_SERVE_TOKEN or the env var serve.token_env names). Off loopback, both commands
@@ -59,14 +63,14 @@ def deploy_config(run_dir: str, config: str | None, overrides: list[str], host: 
 
     args = AppArgs(run_dir=resolve_run_dir(run_dir).location, config=str(Path(config).resolve()) if config else "",
                    overrides=list(overrides))
-    serve_cfg, _, experts = resolve(args.model_copy(update={"models": models or {}}))
+    serve_cfg, _, configs = resolve(args.model_copy(update={"models": models or {}}))
     host = host or serve_cfg.host
     args.require_token = check_exposed(serve_cfg, host)
     return {"proxy_location": "HeadOnly",
             "http_options": {"host": host, "port": port or serve_cfg.port},
             "applications": [{"name": APP, "route_prefix": "/", "import_path": "serve.app:build_app",
                               "args": args.model_dump(exclude={"models"}),
-                              "deployments": [{"name": f"expert-{n}", "user_config": u} for n, u in experts.items()]}]}
+                              "deployments": [{"name": n, "user_config": u} for n, u in configs.items()]}]}
 
 
 def write_deploy_config(path: str, *args) -> None:
@@ -83,17 +87,23 @@ def start(run_dir: str, config: str | None, overrides: list[str], host: str | No
     from ray import serve
 
     from mome_ray.cluster import init_ray, signals_kept
+    from mome_ray.serving import VARIANTS
     from mome_ray.settings import load_settings
-    from serve.app import AppArgs, build_app
+    from serve.app import AppArgs, build_app, resolve, router_mismatch
 
     cfg = load_settings(config, overrides)
     host, port = host or cfg.serve.host, port or cfg.serve.port
-    app = build_app(AppArgs(run_dir=resolve_run_dir(run_dir).location, config=config or "", overrides=overrides,
-                            require_token=check_exposed(cfg.serve, host)))
+    args = AppArgs(run_dir=resolve_run_dir(run_dir).location, config=config or "", overrides=overrides,
+                   require_token=check_exposed(cfg.serve, host))
+    _, spec, _ = resolve(args)
+    app = build_app(args)
     with signals_kept(signal.SIGTERM):  # ray.init puts Ray's C++ handler there (a stack trace, then abort)
         init_ray(cfg.ray)
     serve.start(http_options={"host": host, "port": port})
-    log(f"[serve] deploying {run_dir} (router + {cfg.serve.artifact} experts) on http://{host}:{port} ...")
+    log(f"[serve] deploying {run_dir}/{cfg.serve.artifact}: {VARIANTS[spec.variant]} ({spec.why}), experts "
+        f"{spec.members}{' + the teacher' if spec.teacher else ''}, on http://{host}:{port} ...")
+    if warning := router_mismatch(spec):
+        log(f"[serve] warning: {warning}")
     t0 = time.perf_counter()
     serve.run(app, name=APP, route_prefix="/")
     url = f"http://{host}:{port}"

@@ -306,10 +306,24 @@ def save_lm(path: Path, tok, seed: int, n_layer: int = 1) -> Path:
     return path
 
 
+def save_jeet(path: Path, tok, seed: int, common: bool) -> Path:
+    """An untrained JEET (common=False) or MoE-CE (common=True) over SERVED_LANGS, as `mome moe` saves it."""
+    import torch
+
+    from mome_ray.jeet import JEETConfig, JEETModel
+    from mome_ray.models import ModelConfig
+
+    torch.manual_seed(seed)
+    JEETModel(JEETConfig(SERVED_LANGS, len(tok), tok.eos_token_id, tok.pad_token_id,
+                         ModelConfig(n_layer=1, n_embd=32, n_head=2, n_positions=64), common=common)).save(path)
+    return path
+
+
 @pytest.fixture(scope="session")
 def served_run(tiny_tokenized, corpus_dir, tmp_path_factory) -> Path:
     """The tiny tokenizer + a router trained on the in-test corpus + small untrained GPT-2 experts (serving does
-    not care how well they were trained) + a teacher, with moe/ple.json as `mome moe` writes it."""
+    not care how well they were trained) + a teacher, with moe/ as `mome moe` writes it: ple.json, jeet/ and
+    moe-ce/ (no grid.csv: `serve.model=best` serves PLE)."""
     import json
 
     from mome_ray import stages
@@ -327,4 +341,6 @@ def served_run(tiny_tokenized, corpus_dir, tmp_path_factory) -> Path:
     (run_dir / "moe").mkdir()
     (run_dir / "moe" / "ple.json").write_text(json.dumps({"experts": {l: f"experts/{l}" for l in SERVED_LANGS},
                                                           "router": "router"}))
+    save_jeet(run_dir / "moe" / "jeet", tok, seed=20, common=False)
+    save_jeet(run_dir / "moe" / "moe-ce", tok, seed=21, common=True)
     return run_dir

@@ -37,6 +37,12 @@ def test_alpha_claim(adaptive, verdict):
     assert "seeds" in claim.numbers
 
 
+def test_alpha_claim_is_not_judged_on_two_identical_runs():
+    """Adaptive α that never moved (both losses kept falling) ran as fixed α: no evidence, not "about the same"."""
+    claim = claims.judge_alpha(_sweep({"fixed": [100.0, 101.0, 99.8], "adaptive": [100.0, 101.0, 99.8]}))
+    assert claim.verdict == "not measured" and "ran as fixed α = 0.5 on every seed" in claim.text()
+
+
 def test_claims_read_the_sweep_back_from_its_csv(tmp_path):
     _sweep({"fixed": [100.0, 101.0, 99.8], "adaptive": [98.0, 99.0, 97.9]}).to_csv(tmp_path / "r.csv", index=False)
     assert claims.judge_alpha(pd.read_csv(tmp_path / "r.csv")).verdict == "supported"  # empty errors come back NaN

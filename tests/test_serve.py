@@ -136,10 +136,49 @@ def test_local_app_routes_scores_mixes_and_generates(local_app):
     with pytest.raises(HTTPException) as e:
         local_app.score.remote(ScoreRequest(prompt="x", expert="klingon")).result()
     assert e.value.status_code == 422 and "no expert 'klingon'" in e.value.detail
-    experts = local_app.experts.remote().result().experts
+    served = local_app.experts.remote().result()
+    experts = served.experts
+    assert served.variant == "ple"  # the default, best by the grid: no grid here, so PLE
     assert [(x.name, x.kind) for x in experts] == [(l, "language") for l in LANGS] + [("teacher", "teacher")]
     models = local_app.models.remote().result().data
     assert [(m.id, m.kind) for m in models] == [("mome", "moe")] + [(x.name, x.kind) for x in experts]
+
+
+@pytest.mark.parametrize("variant", ["ple", "jeet", "moe-ce"])
+def test_served_equals_evaluated(served_run, variant):
+    """/v1/score's log-probabilities are those of the evaluation grid's own model rows (grid.moe_rows over the
+    MoE the grid loads, routed by the run's router) for the same text, expert choice and top-k."""
+    from ray import serve
+
+    from mome_ray.grid import moe_rows, route_for
+    from mome_ray.jeet import JEETModel
+    from mome_ray.moe import MoE, load_ple
+    from mome_ray.tokenizer import load_tokenizer
+    from serve.api import ScoreRequest
+    from serve.app import AppArgs, build_app
+
+    bank = load_ple({l: served_run / "experts" / l for l in LANGS}) if variant == "ple" else \
+        JEETModel.load(served_run / "moe" / variant)
+    routing, route = route_for(served_run, LANGS, served_run / "tokenizer")
+    rows = {r.row: r for r in moe_rows(variant, MoE(bank), route, routing, top_k=2)}
+    common = " + common" if variant == "moe-ce" else ""  # MoE-CE as trained: its common stack averaged in
+    tok = load_tokenizer(served_run / "tokenizer")
+    with local_serve():
+        app = serve.run(build_app(AppArgs(run_dir=str(served_run), overrides=[f"serve.model={variant}"])),
+                        _local_testing_mode=True)
+        assert app.experts.remote().result().variant == variant
+        for lang, text in PROMPTS.items():
+            ids = torch.tensor([[tok.eos_token_id] + tok(text)["input_ids"]])
+            for row, select in ((f"router top-1{common}", {}), (f"expert fr forced{common}", {"expert": "fr"}),
+                                (f"router top-2 mix{common}", {"top_k": 2})):
+                served = app.score.remote(ScoreRequest(prompt=text, **select)).result()
+                with torch.no_grad():
+                    logits = rows[row].modules(lang)(input_ids=ids).logits
+                want = torch.log_softmax(logits[0, :-1].float(), -1).gather(-1, ids[0, 1:, None]).squeeze(-1)
+                assert torch.allclose(torch.tensor(served.logprobs), want, atol=1e-4), (variant, lang, row)
+                if not select:
+                    assert served.experts == [lang]  # the router is right on these
+                assert len(served.experts) == (2 if "top_k" in select else 1)
 
 
 # --- one real HTTP session on loopback
@@ -343,5 +382,4 @@ def test_serve_config_yaml_is_a_valid_deploy_config_for_this_app(served_run):
     assert app.import_path == "serve.app:build_app" and config.http_options.host == "127.0.0.1"
     assert (ROOT / app.args["config"]).is_file()
     build_app({**app.args, "run_dir": str(served_run), "config": str(ROOT / app.args["config"])})  # a dict, as Serve
-    served = {"router"} | {f"expert-{name}" for name in load_spec(served_run).backends}
-    assert {d.name for d in app.deployments} <= served  # an override for a missing deployment fails the deploy
+    assert {d.name for d in app.deployments} <= {"router", "moe", "teacher"}  # an unknown name fails the deploy

@@ -18,7 +18,7 @@ import pytest
 import yaml
 
 from mome_ray.errors import MomeError
-from mome_ray.serving import ServedLM, file_version, read_token
+from mome_ray.serving import file_version, load_moe, read_token
 from tests.conftest import ROOT, _free_port, local_serve, wait_until_ready
 
 SECRET = "s3cret-never-in-a-config"
@@ -65,25 +65,68 @@ def test_an_ingress_that_must_have_a_token_refuses_to_start_without_one(served_r
         serve.run(app, _local_testing_mode=True)
 
 
-def test_an_expert_loads_its_model_once_in_reconfigure_and_checks_its_health(served_run, monkeypatch):
+def test_the_moe_loads_once_in_reconfigure_and_checks_its_health(served_run, monkeypatch):
     import serve.app as app
 
     loads = []
-    monkeypatch.setattr(app, "ServedLM", lambda d, device: loads.append(Path(d).name) or ServedLM(d, device))
-    _, _, experts = app.resolve(app.AppArgs(run_dir=str(served_run)))
-    new = {**experts["fr"], "stage": "retrained-fr",
-           "version": file_version(served_run / "retrained-fr" / "model.safetensors")}
+    monkeypatch.setattr(app, "load_moe", lambda dirs, variant, device: loads.append(Path(dirs["fr"]).name)
+                        or load_moe(dirs, variant, device))
+    _, _, configs = app.resolve(app.AppArgs(run_dir=str(served_run)))
+    moe = configs["moe"]
+    new = {**moe, "parts": {**moe["parts"], "fr": {**moe["parts"]["fr"], "stage": "retrained-fr"}},
+           "versions": {**moe["versions"], "fr": file_version(served_run / "retrained-fr" / "model.safetensors")}}
     with local_serve():  # @serve.batch asks for a replica context: none here either
-        expert = app.Expert.func_or_class("fr", 1)  # what Serve does: __init__, then reconfigure(user_config)
+        server = app.MoEServer.func_or_class(1)  # what Serve does: __init__, then reconfigure(user_config)
         assert loads == []
         with pytest.raises(RuntimeError, match="no model loaded"):
-            asyncio.run(expert.check_health())
-        expert.reconfigure(experts["fr"])
-        expert.reconfigure(experts["fr"])  # the same version again: nothing to load
+            asyncio.run(server.check_health())
+        server.reconfigure(moe)
+        server.reconfigure(dict(moe))  # the same versions again: nothing to load
         assert loads == ["fr"]
-        asyncio.run(expert.check_health())
-        expert.reconfigure(new)  # a hot update: the new version, once
-    assert loads == ["fr", "retrained-fr"] and expert.lm.version == new["version"]
+        asyncio.run(server.check_health())
+        server.reconfigure(new)  # a hot update: the new version, once
+    assert loads == ["fr", "retrained-fr"]
+    assert {e["name"]: e["version"] for e in server.info()["experts"]}["fr"] == new["versions"]["fr"]
+
+
+def test_serve_model_picks_the_variant_best_by_the_grid_and_says_why(served_run, tmp_path):
+    import shutil
+
+    from mome_ray.serving import load_spec
+
+    run = tmp_path / "run"
+    shutil.copytree(served_run, run, symlinks=True)
+    assert load_spec(run).variant == "ple" and "no moe/grid.csv" in load_spec(run).why
+    rows = [("PLE", "router top-1", 120.0), ("JEET", "router top-1", 110.0), ("MoE-CE", "router top-1", 90.0),
+            ("MoE-CE", "router top-1 + common", 100.0), ("JEET", "expert fr forced", 10.0)]
+    (run / "moe" / "grid.csv").write_text("model,row,mean_ppl\n" + "".join(f"{m},{r},{p}\n" for m, r, p in rows))
+    spec = load_spec(run)  # MoE-CE is judged as trained: with its common expert (100), not without (90)
+    assert spec.variant == "moe-ce" and spec.has_common and spec.members[-1] == "common"
+    assert "MoE-CE 100.0, JEET 110.0, PLE 120.0" in spec.why
+    jeet = load_spec(run, model="jeet")
+    assert (jeet.variant, list(jeet.parts), jeet.has_common) == ("jeet", ["jeet"], False)
+    shutil.rmtree(run / "moe" / "moe-ce")
+    assert load_spec(run).variant == "jeet"  # only what the artifact has
+    with pytest.raises(MomeError, match="serve.model=moe-ce: no MoE-CE model at .*serve serve.model=ple"):
+        load_spec(run, model="moe-ce")
+    with pytest.raises(MomeError, match="serve.model 'big' is not one of"):
+        load_spec(run, model="big")
+
+
+def test_start_up_states_a_router_that_knows_more_languages_than_the_moe(served_run, tmp_path):
+    import json
+    import shutil
+
+    from mome_ray.serving import load_spec
+    from serve.app import router_mismatch
+
+    run = tmp_path / "run"
+    shutil.copytree(served_run, run, symlinks=True)
+    assert router_mismatch(load_spec(run)) == ""
+    info = json.loads((run / "router" / "router.json").read_text())
+    (run / "router" / "router.json").write_text(json.dumps({**info, "classes": info["classes"] + ["es"]}))
+    assert "knows ['es'] but the served MoE has no expert" in router_mismatch(load_spec(run))
+    assert "serve.artifact=moe_plus_es" in router_mismatch(load_spec(run))
 
 
 # --- SIGTERM
