@@ -143,9 +143,11 @@ class JEETModel(nn.Module):
         return self.cfg.vocab_size
 
     def logits(self, name: str, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
-               with_common: bool) -> torch.Tensor:
-        """(b, T, V) logits of every sequence of the group through stack `name` (+ the common stack)."""
-        return self.head(self.hidden(name, input_ids, attention_mask, with_common))
+               with_common: bool, last: bool = False) -> torch.Tensor:
+        """(b, T, V) logits of every sequence of the group through stack `name` (+ the common stack); (b, 1, V)
+        for the last position only with `last`."""
+        h = self.hidden(name, input_ids, attention_mask, with_common)
+        return self.head(h[:, -1:] if last else h)
 
     def head(self, h: torch.Tensor) -> torch.Tensor:
         """The shared LM head: (b, T, C) last hidden states -> (b, T, V) logits."""

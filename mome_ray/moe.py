@@ -38,9 +38,9 @@ The evaluation grid, one call per row:
 Parameter counts for a row: `moe.active_params(<same options>)` (per sequence) and `moe.total_params()`.
 
 An expert bank is any module with `names`, `has_common`, `combines_common`, `shares_head`, `n_positions`,
-`vocab_size`, `logits(name, ids, mask, with_common)` and `active_params(names, with_common)` (and, where
-`shares_head`, `hidden(...)` with the same arguments and `head(h)`): `PLEExperts` here (whole HF models)
-and `JEETModel` in jeet.py (stacks over shared parts).
+`vocab_size`, `logits(name, ids, mask, with_common, last=False)` (`last`: the last position's only) and
+`active_params(names, with_common)` (and, where `shares_head`, `hidden(name, ids, mask, with_common)` and
+`head(h)`): `PLEExperts` here (whole HF models) and `JEETModel` in jeet.py (stacks over shared parts).
 """
 
 from __future__ import annotations
@@ -164,11 +164,11 @@ class PLEExperts(nn.Module):
         return next(iter(self.models.values())).config.vocab_size
 
     def logits(self, name: str, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
-               with_common: bool) -> torch.Tensor:
+               with_common: bool, last: bool = False) -> torch.Tensor:
         if with_common:
             raise MomeError("PLE experts are whole models and cannot be averaged with the common expert; "
                             "that is MoE-CE (a JEETModel with common=True)")
-        return self.models[name](input_ids=input_ids, attention_mask=attention_mask).logits
+        return self.models[name](input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=int(last)).logits
 
     def active_params(self, names: list[str], with_common: bool) -> int:
         return sum(n_params(self.models[n]) for n in set(names))
@@ -275,7 +275,7 @@ class MoE(nn.Module):
         gen = torch.Generator(device=input_ids.device).manual_seed(seed)
         ids, done = input_ids, torch.zeros(len(input_ids), dtype=torch.bool, device=input_ids.device)
         for _ in range(max_new_tokens):
-            logits = self._run(ids[:, -self.experts.n_positions:], None, plan)[:, -1].float()  # (B, V)
+            logits = self._run(ids[:, -self.experts.n_positions:], None, plan, last=True)[:, -1].float()  # (B, V)
             nxt = sample_next(logits, temperature, top_p, gen)
             if eos_id is not None:
                 nxt = torch.where(done, torch.full_like(nxt, eos_id), nxt)
@@ -367,23 +367,26 @@ class MoE(nn.Module):
 
     # --- running the plan: each member once on its group of rows
 
-    def _groups(self, fn, input_ids, attention_mask, plan: _Plan):
+    def _groups(self, fn, input_ids, attention_mask, plan: _Plan, **kwargs):
         """(member index, rows, fn(name, ids[rows], mask[rows], common)) for each member that runs on some rows."""
         for m, name in enumerate(self.members):
             rows = plan.weights[:, m].nonzero().flatten()
             if len(rows):
                 mask = attention_mask[rows] if attention_mask is not None else None
-                yield m, rows, fn(name, input_ids[rows], mask, plan.common)
+                yield m, rows, fn(name, input_ids[rows], mask, plan.common, **kwargs)
 
-    def _run(self, input_ids, attention_mask, plan: _Plan) -> torch.Tensor:
-        if plan.mix == "hidden":  # Σ_m w_m·h_m per row, then the shared head once: (B, T, V) logits
+    def _run(self, input_ids, attention_mask, plan: _Plan, last: bool = False) -> torch.Tensor:
+        """(B, T, V) logits, or (B, 1, V) for the last position only with `last` (decoding: the head over
+        every position would cost more than the blocks)."""
+        if plan.mix == "hidden":  # Σ_m w_m·h_m per row, then the shared head once
             h = None
             for m, rows, hidden in self._groups(self.experts.hidden, input_ids, attention_mask, plan):  # (b, T, C)
+                hidden = hidden[:, -1:] if last else hidden
                 h = hidden.new_zeros(len(input_ids), *hidden.shape[1:]) if h is None else h
                 h = h.index_add(0, rows, hidden * plan.weights[rows, m].to(hidden.dtype)[:, None, None])
             return self.experts.head(h)
         order, pieces = [], []
-        for m, rows, logits in self._groups(self.experts.logits, input_ids, attention_mask, plan):  # (b, T, V)
+        for m, rows, logits in self._groups(self.experts.logits, input_ids, attention_mask, plan, last=last):
             if plan.mix == "probs":  # weighted log-probs of this member, logsumexp-ed below
                 logits = F.log_softmax(logits.float(), -1) + plan.weights[rows, m].log()[:, None, None]
             order.append(rows)

@@ -206,7 +206,7 @@ def best_variant(store, artifact: str) -> tuple[str, str]:
         return "ple", f"no routed top-1 rows in {artifact}/grid.csv: PLE"
     best = min(scores, key=scores.get)
     shown = ", ".join(f"{VARIANTS[v]} {p:,.1f}" for v, p in sorted(scores.items(), key=lambda kv: kv[1]))
-    return best, f"best mean test perplexity routed top-1 in {artifact}/grid.csv ({shown})"
+    return best, f"the best routed top-1 mean test perplexity in {artifact}/grid.csv: {shown}"
 
 
 def _config(store, stage: str) -> dict:

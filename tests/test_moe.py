@@ -392,6 +392,13 @@ def test_generate_is_deterministic_for_a_seed_and_greedy_at_temperature_0(bank):
         for _ in range(6):
             ids = torch.cat([ids, moe(ids, force="fr").logits[:, -1].argmax(-1, keepdim=True)], 1)
     assert torch.equal(greedy, ids)
+    mixes = ["probs", "hidden"] if moe.experts.shares_head else ["probs"]
+    for mix in mixes:  # decoding computes the last position only: the same tokens as the full forward's
+        ids = prompt
+        with torch.no_grad():
+            for _ in range(4):
+                ids = torch.cat([ids, moe(ids, mode="topk", k=2, mix=mix).logits[:, -1].argmax(-1, keepdim=True)], 1)
+        assert torch.equal(moe.generate(prompt, max_new_tokens=4, temperature=0, mode="topk", k=2, mix=mix), ids)
 
 
 def test_generate_pads_after_eos():
