@@ -30,6 +30,18 @@ def from_dict(cls: type[T], data: Any, where: str | None = None) -> T:
     return _convert(cls, data, cls.__name__ if where is None else where)
 
 
+def _over_default(tp: Any, key: str, value: Any) -> Any:
+    """A mapping given for a dataclass field whose default is built by a factory (e.g. `serve.router`'s own
+    batch size) overrides that default's values, not the field class's: `serve.router.num_cpus=1` keeps
+    the router's batch size of 32."""
+    field = next(f for f in dataclasses.fields(tp) if f.name == key)
+    if isinstance(value, dict) and field.default_factory is not dataclasses.MISSING:
+        default = field.default_factory()
+        if dataclasses.is_dataclass(default):
+            return deep_merge(to_dict(default), value)
+    return value
+
+
 def _convert(tp: Any, value: Any, where: str) -> Any:
     origin = typing.get_origin(tp)
     if dataclasses.is_dataclass(tp):
@@ -42,7 +54,7 @@ def _convert(tp: Any, value: Any, where: str) -> Any:
             raise MomeError(
                 f"unknown config key '{_join(where, unknown[0])}'; valid keys there: {', '.join(sorted(fields))}"
             )
-        kwargs = {k: _convert(hints[k], v, _join(where, k)) for k, v in value.items()}
+        kwargs = {k: _convert(hints[k], _over_default(tp, k, v), _join(where, k)) for k, v in value.items()}
         try:
             return tp(**kwargs)
         except TypeError as e:  # a required field is missing

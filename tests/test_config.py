@@ -38,6 +38,14 @@ def test_overrides_nested_values_and_lists():
     assert cfg.teacher.train.lr == pytest.approx(1e-4)
 
 
+def test_a_partial_section_keeps_its_own_defaults_not_its_class_defaults():
+    """serve.router's default (0.25 CPU, batches of 32) is built by a factory: overriding one of its keys keeps the
+    others, rather than falling back to DeploymentArgs' defaults (batches of 8)."""
+    cfg = load_settings(None, ["serve.router.num_cpus=1", "serve.moe.max_ongoing_requests=8"])
+    assert (cfg.serve.router.num_cpus, cfg.serve.router.max_batch_size) == (1, 32)
+    assert (cfg.serve.moe.num_cpus, cfg.serve.moe.max_ongoing_requests) == (0.5, 8)
+
+
 def test_unknown_key_is_named():
     with pytest.raises(MomeError, match=r"unknown config key 'teacher\.train\.max_stpes'"):
         load_settings(str(ROOT / "configs/tiny.yaml"), ["teacher.train.max_stpes=3"])
