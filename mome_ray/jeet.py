@@ -143,10 +143,10 @@ class JEETModel(nn.Module):
         return self.cfg.vocab_size
 
     def logits(self, name: str, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
-               with_common: bool, last: bool = False) -> torch.Tensor:
+               with_common: bool, last: bool = False, cache: dict | None = None) -> torch.Tensor:
         """(b, T, V) logits of every sequence of the group through stack `name` (+ the common stack); (b, 1, V)
-        for the last position only with `last`."""
-        h = self.hidden(name, input_ids, attention_mask, with_common)
+        for the last position only with `last`. `cache`: see `hidden`."""
+        h = self.hidden(name, input_ids, attention_mask, with_common, cache)
         return self.head(h[:, -1:] if last else h)
 
     def head(self, h: torch.Tensor) -> torch.Tensor:
@@ -167,16 +167,19 @@ class JEETModel(nn.Module):
     # --- the model
 
     def hidden(self, name: str, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
-               with_common: bool) -> torch.Tensor:
-        """Last hidden state (b, T, C), after the shared final LayerNorm; mixed with the common stack's."""
+               with_common: bool, cache: dict | None = None) -> torch.Tensor:
+        """Last hidden state (b, T, C), after the shared final LayerNorm; mixed with the common stack's.
+
+        With `cache` (a dict the caller keeps between calls on the same rows, e.g. decoding): each stack that
+        runs keeps its keys and values there, and `input_ids` are the tokens after those already cached."""
         if name not in self.stacks:
             raise MomeError(f"no expert '{name}' in this JEET model; experts: {list(self.stacks)}")
         if with_common and not self.cfg.common:
             raise MomeError("this JEET model has no common expert; build it with common=True (MoE-CE)")
-        h = self._stack(name, input_ids, attention_mask)
+        h = self._stack(name, input_ids, attention_mask, cache, name)
         if not with_common or name == COMMON:
             return h
-        h_common = self._stack(COMMON, input_ids, attention_mask)
+        h_common = self._stack(COMMON, input_ids, attention_mask, cache, f"{name}+{COMMON}")  # on name's rows
         if self.gate is None:
             return (h + h_common) / 2  # the paper's plain mean
         g = torch.sigmoid(self.gate[self.cfg.langs.index(name)])
@@ -187,16 +190,20 @@ class JEETModel(nn.Module):
         module = getattr(self, part)
         return module[name] if isinstance(module, nn.ModuleDict) else module
 
-    def _stack(self, name, input_ids, attention_mask):
-        """Embed, run stack `name`, final LayerNorm: (b, T) ids -> (b, T, C)."""
+    def _stack(self, name, input_ids, attention_mask, cache: dict | None = None, key: str = ""):
+        """Embed, run stack `name`, final LayerNorm: (b, T) ids -> (b, T, C); with `cache`, after the tokens
+        cached under `key` (their positions continue theirs)."""
+        from transformers import DynamicCache
         from transformers.masking_utils import create_causal_mask
 
-        pos = torch.arange(input_ids.shape[1], device=input_ids.device).unsqueeze(0)  # (1, T)
+        past = cache.setdefault(key, DynamicCache(config=self.gpt2_config)) if cache is not None else None
+        start = past.get_seq_length() if past is not None else 0
+        pos = torch.arange(start, start + input_ids.shape[1], device=input_ids.device).unsqueeze(0)  # (1, T)
         x = self.drop(self.wte(input_ids) + self._part("wpe", name)(pos))  # (b, T, C)
         mask = create_causal_mask(config=self.gpt2_config, inputs_embeds=x, attention_mask=attention_mask,
-                                  past_key_values=None, position_ids=pos)
+                                  past_key_values=past, position_ids=pos)
         for block in self.stacks[name]:
-            x = block(x, attention_mask=mask, position_ids=pos)
+            x = block(x, past_key_values=past, attention_mask=mask, position_ids=pos, use_cache=past is not None)
         return self._part("ln_f", name)(x)
 
     def expert_lm(self, name: str):

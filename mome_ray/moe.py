@@ -38,9 +38,11 @@ The evaluation grid, one call per row:
 Parameter counts for a row: `moe.active_params(<same options>)` (per sequence) and `moe.total_params()`.
 
 An expert bank is any module with `names`, `has_common`, `combines_common`, `shares_head`, `n_positions`,
-`vocab_size`, `logits(name, ids, mask, with_common, last=False)` (`last`: the last position's only) and
-`active_params(names, with_common)` (and, where `shares_head`, `hidden(name, ids, mask, with_common)` and
-`head(h)`): `PLEExperts` here (whole HF models) and `JEETModel` in jeet.py (stacks over shared parts).
+`vocab_size`, `logits(name, ids, mask, with_common, last=False, cache=None)` (`last`: the last position's
+only; `cache`: a dict kept between decoding steps, where the experts that run keep their keys and values)
+and `active_params(names, with_common)` (and, where `shares_head`, `hidden(name, ids, mask, with_common,
+cache=None)` and `head(h)`): `PLEExperts` here (whole HF models) and `JEETModel` in jeet.py (stacks over
+shared parts).
 """
 
 from __future__ import annotations
@@ -164,11 +166,18 @@ class PLEExperts(nn.Module):
         return next(iter(self.models.values())).config.vocab_size
 
     def logits(self, name: str, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
-               with_common: bool, last: bool = False) -> torch.Tensor:
+               with_common: bool, last: bool = False, cache: dict | None = None) -> torch.Tensor:
         if with_common:
             raise MomeError("PLE experts are whole models and cannot be averaged with the common expert; "
                             "that is MoE-CE (a JEETModel with common=True)")
-        return self.models[name](input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=int(last)).logits
+        if cache is None:
+            return self.models[name](input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=int(last)).logits
+        from transformers import DynamicCache
+
+        model = self.models[name]
+        past = cache.setdefault(name, DynamicCache(config=model.config))
+        return model(input_ids=input_ids, attention_mask=attention_mask, past_key_values=past, use_cache=True,
+                     logits_to_keep=int(last)).logits
 
     def active_params(self, names: list[str], with_common: bool) -> int:
         return sum(n_params(self.models[n]) for n in set(names))
@@ -266,16 +275,21 @@ class MoE(nn.Module):
 
         Temperature 0 is greedy; otherwise nucleus sampling from a generator seeded with `seed`, so a seed
         gives the same text. A sequence that emitted `eos_id` is padded with it; decoding stops when all
-        have. No KV cache: each step reruns the last `n_positions` tokens (fine for the small experts).
-        Call `moe.eval()` first (dropout). What Serve streams (serve/app.py) and the grid's model generate.
+        have. Each expert that runs keeps a KV cache of its rows, so a step runs one token through it; past
+        `n_positions` tokens the caches restart on the last `n_positions` (a sliding window, as without a
+        cache). Call `moe.eval()` first (dropout). What Serve streams (serve/app.py).
         """
         if temperature < 0 or not 0 < top_p <= 1:
             raise MomeError(f"generate needs temperature >= 0 and 0 < top_p <= 1, got {temperature} and {top_p}")
         plan = self._plan(input_ids, None, select.pop("routing", None), **select)
         gen = torch.Generator(device=input_ids.device).manual_seed(seed)
         ids, done = input_ids, torch.zeros(len(input_ids), dtype=torch.bool, device=input_ids.device)
+        cache, fed, context = {}, 0, self.experts.n_positions  # fed: tokens the caches hold
         for _ in range(max_new_tokens):
-            logits = self._run(ids[:, -self.experts.n_positions:], None, plan, last=True)[:, -1].float()  # (B, V)
+            if ids.shape[1] > context:  # the window slides: positions restart, so the caches do too
+                cache, fed = {}, ids.shape[1] - context
+            logits = self._run(ids[:, fed:], None, plan, last=True, cache=cache)[:, -1].float()  # (B, V)
+            fed = ids.shape[1]
             nxt = sample_next(logits, temperature, top_p, gen)
             if eos_id is not None:
                 nxt = torch.where(done, torch.full_like(nxt, eos_id), nxt)
@@ -375,18 +389,21 @@ class MoE(nn.Module):
                 mask = attention_mask[rows] if attention_mask is not None else None
                 yield m, rows, fn(name, input_ids[rows], mask, plan.common, **kwargs)
 
-    def _run(self, input_ids, attention_mask, plan: _Plan, last: bool = False) -> torch.Tensor:
+    def _run(self, input_ids, attention_mask, plan: _Plan, last: bool = False, cache: dict | None = None):
         """(B, T, V) logits, or (B, 1, V) for the last position only with `last` (decoding: the head over
-        every position would cost more than the blocks)."""
+        every position would cost more than the blocks). With `cache` (decoding under one plan: each member
+        always runs on the same rows), `input_ids` are the tokens after those the members have cached."""
         if plan.mix == "hidden":  # Σ_m w_m·h_m per row, then the shared head once
             h = None
-            for m, rows, hidden in self._groups(self.experts.hidden, input_ids, attention_mask, plan):  # (b, T, C)
+            for m, rows, hidden in self._groups(self.experts.hidden, input_ids, attention_mask, plan,
+                                                cache=cache):  # (b, T, C)
                 hidden = hidden[:, -1:] if last else hidden
                 h = hidden.new_zeros(len(input_ids), *hidden.shape[1:]) if h is None else h
                 h = h.index_add(0, rows, hidden * plan.weights[rows, m].to(hidden.dtype)[:, None, None])
             return self.experts.head(h)
         order, pieces = [], []
-        for m, rows, logits in self._groups(self.experts.logits, input_ids, attention_mask, plan, last=last):
+        for m, rows, logits in self._groups(self.experts.logits, input_ids, attention_mask, plan, last=last,
+                                            cache=cache):
             if plan.mix == "probs":  # weighted log-probs of this member, logsumexp-ed below
                 logits = F.log_softmax(logits.float(), -1) + plan.weights[rows, m].log()[:, None, None]
             order.append(rows)

@@ -104,6 +104,10 @@ class Expert:
         async for token in self._generate(req):
             yield token
 
+    async def complete(self, req: GenRequest) -> dict:
+        """The whole generation in one answer (no streamed item per token): {"selected", "tokens"}."""
+        return {"selected": {self.name: 1.0}, "tokens": [t async for t in self._generate(req)]}
+
     async def _score_rows(self, rows: list[list[int]]) -> list[list[float]]:
         return await asyncio.to_thread(self.lm.score, rows)
 
@@ -164,8 +168,14 @@ class MoEServer:
         """{"logprobs": per next token, "selected": {member: weight}, "experts": the members that ran}."""
         return await self._score((ids, select))
 
+    async def complete(self, req: GenRequest, select: dict) -> dict:
+        """The whole generation in one answer (no streamed item per token): {"selected", "tokens"}."""
+        stream = self.generate(req, select)
+        head = await anext(stream)
+        return {**head, "tokens": [t async for t in stream]}
+
     async def generate(self, req: GenRequest, select: dict) -> AsyncIterator:
-        """Streams {"selected": ..., "experts": ...} first, then the new token ids (`MoE.decode`)."""
+        """Streams {"selected": {member: weight}} first, then the new token ids (`MoE.decode`)."""
         moe = self.moe  # the whole generation runs on one version, whatever reconfigure does meanwhile
         ids = torch.tensor([req.ids], device=self._device())
         kwargs = self._kwargs([select])
@@ -317,7 +327,7 @@ class Gateway:
 
     async def generate(self, body: GenerateRequest):
         plan = await self._plan(body, body.prompt, body.max_new_tokens)
-        run = await self._launch(plan, body.max_new_tokens, body.temperature, body.top_p, body.seed)
+        run = await self._launch(plan, body.max_new_tokens, body.temperature, body.top_p, body.seed, body.stream)
         if body.stream:
             return sse(self._generate_events(run))
         text, n, reason = await run.collect()
@@ -331,7 +341,7 @@ class Gateway:
         seed = body.seed if body.seed is not None else secrets.randbelow(2**31)
         texts = self._batch(body.texts)
         plans = await asyncio.gather(*[self._plan(select, t, body.max_tokens, "max_tokens") for t in texts])
-        runs = await asyncio.gather(*[self._launch(p, body.max_tokens, body.temperature, body.top_p, seed)
+        runs = await asyncio.gather(*[self._launch(p, body.max_tokens, body.temperature, body.top_p, seed, body.stream)
                                       for p in plans])
         head = {"id": f"cmpl-{uuid.uuid4().hex[:24]}", "object": "text_completion", "created": int(time.time()),
                 "model": body.model}
@@ -418,14 +428,19 @@ class Gateway:
         self._check_fits(target, len(ids), max_new)
         return ids, target, moe_select, route
 
-    async def _launch(self, plan, max_new: int, temperature: float, top_p: float, seed: int) -> Generation:
+    async def _launch(self, plan, max_new: int, temperature: float, top_p: float, seed: int,
+                      stream: bool) -> Generation:
+        """Start one generation. Streamed: the deployment streams the selection, then a token per item;
+        otherwise one call answers the whole of it (a streamed item per token costs ~1 ms each way)."""
         ids, target, select, route = plan
         req = GenRequest(ids, max_new, temperature, top_p, seed, self.eos)
-        if target == TEACHER:
-            tokens, selected = self.handles[TEACHER].options(stream=True).generate.remote(req), {TEACHER: 1.0}
-        else:  # the MoE says first which experts it selected, then streams the tokens
-            tokens = self.handles[MOE].options(stream=True).generate.remote(req, select)
-            selected = (await tokens.__anext__())["selected"]
+        handle, args = (self.handles[TEACHER], (req,)) if target == TEACHER else (self.handles[MOE], (req, select))
+        if stream:
+            tokens = handle.options(stream=True).generate.remote(*args)
+            selected = {TEACHER: 1.0} if target == TEACHER else (await tokens.__anext__())["selected"]
+        else:
+            done = await handle.complete.remote(*args)
+            selected, tokens = done["selected"], _items(done["tokens"])
         return Generation(list(selected), list(selected.values()), route, len(ids) - 1, tokens, self.tok, self.eos)
 
     async def _generate_events(self, run: Generation) -> AsyncIterator[dict]:
@@ -442,6 +457,11 @@ class Gateway:
             yield {**head, "choices": [c], **extra}
         if include_usage:
             yield {**head, "choices": [], "usage": usage(runs)}
+
+
+async def _items(xs: list) -> AsyncIterator:
+    for x in xs:
+        yield x
 
 
 # --- the application builder

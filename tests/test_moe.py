@@ -377,7 +377,7 @@ def test_adding_an_expert_leaves_the_others_bit_identical():
 # --- generation
 
 
-@pytest.mark.parametrize("bank", [ple, jeet])
+@pytest.mark.parametrize("bank", [ple, jeet, lambda: jeet(common=True, parts=PAPER_PARTS)])
 def test_generate_is_deterministic_for_a_seed_and_greedy_at_temperature_0(bank):
     moe = MoE(bank(), always(1))
     prompt = batch(2)[:, :4]
@@ -399,6 +399,20 @@ def test_generate_is_deterministic_for_a_seed_and_greedy_at_temperature_0(bank):
             for _ in range(4):
                 ids = torch.cat([ids, moe(ids, mode="topk", k=2, mix=mix).logits[:, -1].argmax(-1, keepdim=True)], 1)
         assert torch.equal(moe.generate(prompt, max_new_tokens=4, temperature=0, mode="topk", k=2, mix=mix), ids)
+
+
+@pytest.mark.parametrize("bank", [ple, lambda: jeet(common=True)])
+def test_decoding_past_the_context_slides_the_window_as_without_a_cache(bank):
+    """The experts' KV caches restart on the last n_positions tokens once the text is longer: the same tokens
+    as a full forward over that window at every step."""
+    moe = MoE(bank(), always(2))
+    prompt = batch(2)[:, :TINY.n_positions - 3]
+    ids = prompt
+    with torch.no_grad():
+        for _ in range(8):  # 5 steps past the context
+            window = ids[:, -TINY.n_positions:]
+            ids = torch.cat([ids, moe(window, force="de").logits[:, -1].argmax(-1, keepdim=True)], 1)
+    assert torch.equal(moe.generate(prompt, max_new_tokens=8, temperature=0, force="de"), ids)
 
 
 def test_generate_pads_after_eos():
