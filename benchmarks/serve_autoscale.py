@@ -25,8 +25,7 @@ sys.path.insert(0, str(ROOT))
 
 import aiohttp  # noqa: E402
 
-from benchmarks.serve_load import (APP, Cell, HTTPStatus, deploy, gen_body, load_prompts, parse_args,  # noqa: E402
-                                   start_cluster, stop_cluster, warm_up)
+from benchmarks.serve_load import APP, Cell, HTTPStatus, gen_body, on_app, parse_args, warm_up  # noqa: E402
 
 DEPLOYMENT = "moe"
 AUTOSCALING = {"min_replicas": 1, "max_replicas": 3, "target_ongoing_requests": 2, "upscale_delay_s": 3,
@@ -149,14 +148,9 @@ async def main_async(args, url: str, prompts: list[str]) -> int:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv, __doc__, 8125, "a shorter ramp")
-    prompts = load_prompts(args.run_dir, per_lang=8)
-    temp_dir = start_cluster()
     overrides = ["serve.teacher=false", f"serve.moe.autoscaling={json.dumps(AUTOSCALING)}",
                  "serve.moe.max_ongoing_requests=8"]
-    try:
-        bad = asyncio.run(main_async(args, deploy(args, overrides), prompts))
-    finally:
-        stop_cluster(temp_dir)
+    bad = on_app(args, overrides, main_async)
     print(f"\n[autoscale] {'OK' if not bad else f'{bad} expectation(s) broken'}")
     sys.exit(1 if bad else 0)
 

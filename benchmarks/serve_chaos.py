@@ -29,8 +29,7 @@ sys.path.insert(0, str(ROOT))
 
 import aiohttp  # noqa: E402
 
-from benchmarks.serve_load import (APP, deploy, gen_body, load_prompts, parse_args,  # noqa: E402
-                                    start_cluster, stop_cluster, warm_up)
+from benchmarks.serve_load import APP, gen_body, on_app, parse_args, warm_up  # noqa: E402
 
 JSON = "application/json"
 RETRY_AFTER_S = 0.5
@@ -278,13 +277,8 @@ async def run(args, url: str, prompts: list[str]) -> int:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv, __doc__, 8124, "a smoke run: a short stream and a short kill phase")
-    prompts = load_prompts(args.run_dir, per_lang=8)
-    temp_dir = start_cluster()
-    try:
-        # two MoE replicas: one is killed, the other answers while Serve replaces it
-        bad = asyncio.run(run(args, deploy(args, ["serve.teacher=false", "serve.moe.num_replicas=2"]), prompts))
-    finally:
-        stop_cluster(temp_dir)
+    # two MoE replicas: one is killed, the other answers while Serve replaces it
+    bad = on_app(args, ["serve.teacher=false", "serve.moe.num_replicas=2"], run)
     print(f"\n[chaos] {'OK' if not bad else f'{bad} answers broke a rule'}")
     sys.exit(1 if bad else 0)
 

@@ -322,14 +322,19 @@ def parse_args(argv: list[str] | None, doc: str, port: int, quick: str) -> argpa
     return p.parse_args(argv)
 
 
-def main(argv: list[str] | None = None) -> None:
-    args = parse_args(argv, __doc__, 8123, "a smoke run: fewer cells, a few requests each")
+def on_app(args, overrides: list[str], measure):
+    """Real prompts, a local cluster of our own, the app deployed with `overrides`: `measure(args, url, prompts)`'s
+    result, the cluster stopped whatever happens (every Serve benchmark's main)."""
     prompts = load_prompts(args.run_dir, per_lang=8)
     temp_dir = start_cluster()
     try:
-        asyncio.run(measure(args, deploy(args, []), prompts))
+        return asyncio.run(measure(args, deploy(args, overrides), prompts))
     finally:
         stop_cluster(temp_dir)
+
+
+def main(argv: list[str] | None = None) -> None:
+    on_app(parse_args(argv, __doc__, 8123, "a smoke run: fewer cells, a few requests each"), [], measure)
 
 
 if __name__ == "__main__":

@@ -170,14 +170,12 @@ class PLEExperts(nn.Module):
         if with_common:
             raise MomeError("PLE experts are whole models and cannot be averaged with the common expert; "
                             "that is MoE-CE (a JEETModel with common=True)")
-        if cache is None:
-            return self.models[name](input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=int(last)).logits
         from transformers import DynamicCache
 
         model = self.models[name]
-        past = cache.setdefault(name, DynamicCache(config=model.config))
-        return model(input_ids=input_ids, attention_mask=attention_mask, past_key_values=past, use_cache=True,
-                     logits_to_keep=int(last)).logits
+        past = cache.setdefault(name, DynamicCache(config=model.config)) if cache is not None else None
+        return model(input_ids=input_ids, attention_mask=attention_mask, past_key_values=past,
+                     use_cache=past is not None, logits_to_keep=int(last)).logits
 
     def active_params(self, names: list[str], with_common: bool) -> int:
         return sum(n_params(self.models[n]) for n in set(names))

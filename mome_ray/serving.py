@@ -94,10 +94,6 @@ class ServeConfig:
     moe: DeploymentArgs = field(default_factory=lambda: DeploymentArgs(num_cpus=0.5))  # the MoE: every expert
     baseline: DeploymentArgs = field(default_factory=DeploymentArgs)  # the teacher
 
-    def __post_init__(self):
-        if self.model not in MODELS:
-            raise MomeError(f"serve.model '{self.model}' is not one of {list(MODELS)}")
-
     def token(self) -> str:
         return read_token(self.token_env, self.token_file)
 
@@ -136,6 +132,7 @@ class ServeSpec:
     n_positions: int  # the MoE's context (the shortest of its parts)
     router: str | None  # the router artifact, e.g. "router"
     teacher: str | None  # the teacher artifact (the baseline), or None
+    versions: dict[str, str]  # part (and teacher) -> the weights' sha256 prefix (`check_artifact`)
     why: str = ""  # how the variant was chosen (said at start-up)
     tokenizer: str = "tokenizer"
 
@@ -167,24 +164,22 @@ def load_spec(run, artifact: str = "moe", teacher: bool = True, model: str = "be
     if variant == "ple":
         parts, langs = experts, [n for n in experts if n != COMMON]
         has_common = COMMON in experts
-        contexts = [_config(store, stage)["n_positions"] for stage in parts.values()]
+        contexts = [model_config(store, stage)["n_positions"] for stage in parts.values()]
     else:
         stage = f"{artifact}/{variant}"
         if not store.exists(f"{stage}/config.json"):
             raise MomeError(f"serve.model={variant}: no {VARIANTS[variant]} model at '{store.uri(stage)}' "
                             f"(`mome moe` trains it; `mome add-expert` builds a PLE only): serve serve.model=ple")
-        cfg = _config(store, stage)
+        cfg = model_config(store, stage)
         parts, langs, has_common, contexts = {variant: stage}, list(cfg["langs"]), bool(cfg["common"]), \
             [cfg["model"]["n_positions"]]
-    for name, stage in parts.items():
-        check_artifact(store, name, stage)
     if not langs:
         raise MomeError(f"'{index}' lists no language experts")
     has_teacher = teacher and store.exists(f"{TEACHER}/config.json")
-    if has_teacher:
-        check_artifact(store, TEACHER, TEACHER)
+    served = {**parts, **({TEACHER: TEACHER} if has_teacher else {})}
+    versions = {name: check_artifact(store, name, stage) for name, stage in served.items()}
     return ServeSpec(store.location, variant, parts, langs, has_common, min(contexts), ple.get("router") or None,
-                     TEACHER if has_teacher else None, why)
+                     TEACHER if has_teacher else None, versions, why)
 
 
 def best_variant(store, artifact: str) -> tuple[str, str]:
@@ -209,7 +204,7 @@ def best_variant(store, artifact: str) -> tuple[str, str]:
     return best, f"the best routed top-1 mean test perplexity in {artifact}/grid.csv: {shown}"
 
 
-def _config(store, stage: str) -> dict:
+def model_config(store, stage: str) -> dict:
     raw = store.read_bytes(f"{stage}/config.json")
     if raw is None:
         raise MomeError(f"no model at '{store.uri(stage)}' (config.json missing)")
@@ -219,16 +214,13 @@ def _config(store, stage: str) -> dict:
 def load_moe(spec_parts: dict[str, Path], variant: str, device: str | torch.device = "cpu"):
     """The served MoE from its parts' local directories (`ServeSpec.parts`, fetched): PLE's models or the
     JEET / MoE-CE model, safetensors only, in eval mode, with no router (the ingress routes)."""
-    from transformers import AutoModelForCausalLM
-
     from mome_ray.jeet import JEETModel
-    from mome_ray.moe import MoE, PLEExperts
+    from mome_ray.moe import MoE, load_ple
 
     for name, d in spec_parts.items():
-        check_model_dir(name, Path(d))
+        check_model_dir(name, Path(d))  # safetensors only: load_ple then reads those
     if variant == "ple":
-        bank = PLEExperts({n: AutoModelForCausalLM.from_pretrained(str(d), use_safetensors=True)
-                           for n, d in spec_parts.items()})
+        bank = load_ple(spec_parts)
     else:
         (d,) = spec_parts.values()
         bank = JEETModel.load(Path(d))
@@ -331,12 +323,16 @@ class ServedLM:
             pos = pos[:, -1:] + 1
 
     def _pad(self, rows: list[list[int]], left: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Pad rows to one length (left for generation, so every row's last token is at the end)."""
-        width = max(len(r) for r in rows)
-        ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
-        mask = torch.zeros((len(rows), width), dtype=torch.long)
-        for i, r in enumerate(rows):
-            span = slice(width - len(r), width) if left else slice(0, len(r))
-            ids[i, span], mask[i, span] = torch.tensor(r, dtype=torch.long), 1
-        pos = (mask.cumsum(1) - 1).clamp(min=0)  # positions count real tokens only, whatever the padding
-        return ids.to(self.device), mask.to(self.device), pos.to(self.device)
+        return tuple(t.to(self.device) for t in pad_rows(rows, self.pad_id, left))
+
+
+def pad_rows(rows: list[list[int]], pad_id: int = 0, left: bool = False) -> tuple[torch.Tensor, ...]:
+    """(ids, mask, positions) of rows padded to one length (left for generation, so every row's last token is
+    at the end); positions count real tokens only, whatever the padding."""
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        span = slice(width - len(r), width) if left else slice(0, len(r))
+        ids[i, span], mask[i, span] = torch.tensor(r, dtype=torch.long), 1
+    return ids, mask, (mask.cumsum(1) - 1).clamp(min=0)

@@ -41,7 +41,7 @@ from mome_ray.jeet import COMMON
 from mome_ray.moe import UNKNOWN, Routing, decide, fallback
 from mome_ray.router.store import INFO as ROUTER_INFO
 from mome_ray.serving import (TEACHER, TOKEN_ENV, VARIANTS, GenRequest, ServeConfig, ServedLM, ServeSpec,
-                               check_artifact, load_moe, load_spec, read_token)
+                               check_artifact, load_moe, load_spec, model_config, pad_rows, read_token)
 from mome_ray.storage import RunStore
 from mome_ray.training import process_device
 from serve.api import (CompletionRequest, ExpertInfo, ExpertsResponse, GenerateRequest, GenerateResponse, ModelCard,
@@ -194,11 +194,7 @@ class MoEServer:
             groups.setdefault(json.dumps({k: v for k, v in select.items() if k != "routing"}, sort_keys=True),
                               []).append(i)
         for rows in groups.values():
-            width = max(len(items[i][0]) for i in rows)
-            ids = torch.zeros(len(rows), width, dtype=torch.long)
-            mask = torch.zeros(len(rows), width, dtype=torch.long)
-            for j, i in enumerate(rows):
-                ids[j, : len(items[i][0])], mask[j, : len(items[i][0])] = torch.tensor(items[i][0]), 1
+            ids, mask, _ = pad_rows([items[i][0] for i in rows])  # right padding: causal, so no row sees it
             device = self._device()
             with torch.inference_mode():
                 scores = moe.score(ids.to(device), mask.to(device), **self._kwargs([items[i][1] for i in rows]))
@@ -498,7 +494,8 @@ def resolve(args: AppArgs) -> tuple[ServeConfig, ServeSpec, dict[str, dict]]:
             location = args.models[name].rstrip("/")
             run, stage = (location.rsplit("/", 1) if "://" in location else
                           (str(Path(location).absolute().parent), Path(location).name))
-        located[name] = {"run": run, "stage": stage, "version": check_artifact(RunStore(run), name, stage)}
+        version = check_artifact(RunStore(run), name, stage) if name in args.models else spec.versions[name]
+        located[name] = {"run": run, "stage": stage, "version": version}
     batching = lambda opts: {"max_batch_size": opts.max_batch_size,  # noqa: E731
                              "batch_wait_timeout_s": opts.batch_wait_timeout_s}
     configs = {MOE: {"variant": spec.variant,
@@ -528,9 +525,14 @@ def build_app(args: AppArgs | dict) -> serve.Application:
 
     # Serve passes a dict here: it reads the annotation, a string under `from __future__ import annotations`.
     args = args if isinstance(args, AppArgs) else AppArgs(**args)
-    cfg, spec, configs = resolve(args)
-    if warning := router_mismatch(spec):
+    resolved = resolve(args)
+    if warning := router_mismatch(resolved[1]):
         logging.getLogger("ray.serve").warning(warning)
+    return app_of(args, *resolved)
+
+
+def app_of(args: AppArgs, cfg: ServeConfig, spec: ServeSpec, configs: dict[str, dict]) -> serve.Application:
+    """The app of what `resolve` found (`mome serve` resolves once, says what it serves, then builds)."""
     handles = {MOE: MoEServer.options(**cfg.moe.options(MOE, cfg.access_log), user_config=configs[MOE]).bind(
         max(1, round(cfg.moe.num_cpus)))}
     if spec.teacher:
@@ -543,7 +545,7 @@ def build_app(args: AppArgs | dict) -> serve.Application:
     n_positions = {MOE: spec.n_positions}
     if spec.teacher:
         t = configs[TEACHER]
-        n_positions[TEACHER] = json.loads(RunStore(t["run"]).read_bytes(f"{t['stage']}/config.json"))["n_positions"]
+        n_positions[TEACHER] = model_config(RunStore(t["run"]), t["stage"])["n_positions"]
     gateway = {"run": spec.run, "langs": spec.langs, "members": spec.members, "tokenizer": spec.tokenizer,
                "router": spec.router, "router_version": router_version,
                "router_batch": cfg.router.max_batch_size, "variant": spec.variant, "token_env": cfg.token_env,

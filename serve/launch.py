@@ -89,14 +89,15 @@ def start(run_dir: str, config: str | None, overrides: list[str], host: str | No
     from mome_ray.cluster import init_ray, signals_kept
     from mome_ray.serving import VARIANTS
     from mome_ray.settings import load_settings
-    from serve.app import AppArgs, build_app, resolve, router_mismatch
+    from serve.app import AppArgs, app_of, resolve, router_mismatch
 
     cfg = load_settings(config, overrides)
     host, port = host or cfg.serve.host, port or cfg.serve.port
     args = AppArgs(run_dir=resolve_run_dir(run_dir).location, config=config or "", overrides=overrides,
                    require_token=check_exposed(cfg.serve, host))
-    _, spec, _ = resolve(args)
-    app = build_app(args)
+    resolved = resolve(args)
+    spec = resolved[1]
+    app = app_of(args, *resolved)
     with signals_kept(signal.SIGTERM):  # ray.init puts Ray's C++ handler there (a stack trace, then abort)
         init_ray(cfg.ray)
     serve.start(http_options={"host": host, "port": port})
