@@ -47,7 +47,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mome_ray.errors import MomeError
-from mome_ray.models import ModelConfig, build_gpt2
+from mome_ray.models import ModelConfig, build_gpt2, kv_cache
 
 COMMON = "common"  # the name of the always-on expert of MoE-CE
 DDP_KWARGS = {"find_unused_parameters": True}  # for DistributedDataParallel / Ray Train's prepare_model
@@ -143,10 +143,11 @@ class JEETModel(nn.Module):
         return self.cfg.vocab_size
 
     def logits(self, name: str, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
-               with_common: bool, last: bool = False, cache: dict | None = None) -> torch.Tensor:
+               with_common: bool, last: bool = False, cache: dict | None = None,
+               positions: torch.Tensor | None = None) -> torch.Tensor:
         """(b, T, V) logits of every sequence of the group through stack `name` (+ the common stack); (b, 1, V)
-        for the last position only with `last`. `cache`: see `hidden`."""
-        h = self.hidden(name, input_ids, attention_mask, with_common, cache)
+        for the last position only with `last`. `cache`, `positions`: see `hidden`."""
+        h = self.hidden(name, input_ids, attention_mask, with_common, cache, positions)
         return self.head(h[:, -1:] if last else h)
 
     def head(self, h: torch.Tensor) -> torch.Tensor:
@@ -167,19 +168,21 @@ class JEETModel(nn.Module):
     # --- the model
 
     def hidden(self, name: str, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
-               with_common: bool, cache: dict | None = None) -> torch.Tensor:
+               with_common: bool, cache: dict | None = None, positions: torch.Tensor | None = None) -> torch.Tensor:
         """Last hidden state (b, T, C), after the shared final LayerNorm; mixed with the common stack's.
 
         With `cache` (a dict the caller keeps between calls on the same rows, e.g. decoding): each stack that
-        runs keeps its keys and values there, and `input_ids` are the tokens after those already cached."""
+        runs keeps its keys and values there, and `input_ids` are the tokens after those already cached
+        (`attention_mask` then covers both). `positions` (b, T): the tokens' positions (default: they follow
+        the cached ones), for rows padded on the left."""
         if name not in self.stacks:
             raise MomeError(f"no expert '{name}' in this JEET model; experts: {list(self.stacks)}")
         if with_common and not self.cfg.common:
             raise MomeError("this JEET model has no common expert; build it with common=True (MoE-CE)")
-        h = self._stack(name, input_ids, attention_mask, cache, name)
+        h = self._stack(name, input_ids, attention_mask, cache, name, positions)
         if not with_common or name == COMMON:
             return h
-        h_common = self._stack(COMMON, input_ids, attention_mask, cache, f"{name}+{COMMON}")  # on name's rows
+        h_common = self._stack(COMMON, input_ids, attention_mask, cache, f"{name}+{COMMON}", positions)  # name's rows
         if self.gate is None:
             return (h + h_common) / 2  # the paper's plain mean
         g = torch.sigmoid(self.gate[self.cfg.langs.index(name)])
@@ -190,15 +193,17 @@ class JEETModel(nn.Module):
         module = getattr(self, part)
         return module[name] if isinstance(module, nn.ModuleDict) else module
 
-    def _stack(self, name, input_ids, attention_mask, cache: dict | None = None, key: str = ""):
+    def _stack(self, name, input_ids, attention_mask, cache: dict | None = None, key: str = "",
+               positions: torch.Tensor | None = None):
         """Embed, run stack `name`, final LayerNorm: (b, T) ids -> (b, T, C); with `cache`, after the tokens
-        cached under `key` (their positions continue theirs)."""
-        from transformers import DynamicCache
+        cached under `key` (their positions continue theirs unless `positions` says otherwise)."""
         from transformers.masking_utils import create_causal_mask
 
-        past = cache.setdefault(key, DynamicCache(config=self.gpt2_config)) if cache is not None else None
-        start = past.get_seq_length() if past is not None else 0
-        pos = torch.arange(start, start + input_ids.shape[1], device=input_ids.device).unsqueeze(0)  # (1, T)
+        past = kv_cache(cache, key, self.gpt2_config)
+        pos = positions
+        if pos is None:
+            start = past.get_seq_length() if past is not None else 0
+            pos = torch.arange(start, start + input_ids.shape[1], device=input_ids.device).unsqueeze(0)  # (1, T)
         x = self.drop(self.wte(input_ids) + self._part("wpe", name)(pos))  # (b, T, C)
         mask = create_causal_mask(config=self.gpt2_config, inputs_embeds=x, attention_mask=attention_mask,
                                   past_key_values=past, position_ids=pos)

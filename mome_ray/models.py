@@ -45,6 +45,18 @@ def build_gpt2(cfg: ModelConfig, vocab_size: int, eos_id: int, pad_id: int):
     return GPT2LMHeadModel(config)
 
 
+def kv_cache(caches: dict | None, key: str, config):
+    """The HF `DynamicCache` kept under `key` in a decoding step's dict of caches (made on first use); None
+    when there is no such dict (no caching)."""
+    if caches is None:
+        return None
+    if key not in caches:
+        from transformers import DynamicCache
+
+        caches[key] = DynamicCache(config=config)
+    return caches[key]
+
+
 def n_params(model) -> int:
     return sum(p.numel() for p in model.parameters())
 

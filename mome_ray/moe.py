@@ -9,7 +9,7 @@ per sequence: a router maps (B, T) ids (+ attention mask) to a `Routing` — one
     out = moe(ids, attention_mask, labels=ids)          # out.logits (B, T, V), out.loss, out.experts
     out = moe.score(ids, attention_mask)                # out.logprobs (B, T-1): log p(next token)
     new = moe.generate(prompt_ids, max_new_tokens=50, temperature=0.8, top_p=0.95, seed=0, eos_id=eos)
-    for token in moe.decode(prompt_ids, 50, routing=decide(labels, probs, moe.names)): ...   # what Serve streams
+    for token in moe.decode(prompt_ids, 50, routing=decide(labels, probs, moe.names)): ...   # (B,) per step
 
 How a batch runs:
 - hard top-1 (default): sequences are grouped by expert, each expert runs once on its group, and the
@@ -38,10 +38,11 @@ The evaluation grid, one call per row:
 Parameter counts for a row: `moe.active_params(<same options>)` (per sequence) and `moe.total_params()`.
 
 An expert bank is any module with `names`, `has_common`, `combines_common`, `shares_head`, `n_positions`,
-`vocab_size`, `logits(name, ids, mask, with_common, last=False, cache=None)` (`last`: the last position's
-only; `cache`: a dict kept between decoding steps, where the experts that run keep their keys and values)
+`vocab_size`, `logits(name, ids, mask, with_common, last=False, cache=None, positions=None)` (`last`: the last position's
+only; `cache`: a dict kept between decoding steps, where the experts that run keep their keys and values;
+`positions`: (b, T) position ids, for left-padded rows)
 and `active_params(names, with_common)` (and, where `shares_head`, `hidden(name, ids, mask, with_common,
-cache=None)` and `head(h)`): `PLEExperts` here (whole HF models) and `JEETModel` in jeet.py (stacks over
+cache=None, positions=None)` and `head(h)`): `PLEExperts` here (whole HF models) and `JEETModel` in jeet.py (stacks over
 shared parts).
 """
 
@@ -58,7 +59,7 @@ from torch import nn
 
 from mome_ray.errors import MomeError
 from mome_ray.jeet import COMMON
-from mome_ray.models import n_params
+from mome_ray.models import kv_cache, n_params
 from mome_ray.training import lm_loss
 
 UNKNOWN = -1  # Routing.index of a sequence the router could not place
@@ -166,15 +167,14 @@ class PLEExperts(nn.Module):
         return next(iter(self.models.values())).config.vocab_size
 
     def logits(self, name: str, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
-               with_common: bool, last: bool = False, cache: dict | None = None) -> torch.Tensor:
+               with_common: bool, last: bool = False, cache: dict | None = None,
+               positions: torch.Tensor | None = None) -> torch.Tensor:
         if with_common:
             raise MomeError("PLE experts are whole models and cannot be averaged with the common expert; "
                             "that is MoE-CE (a JEETModel with common=True)")
-        from transformers import DynamicCache
-
         model = self.models[name]
-        past = cache.setdefault(name, DynamicCache(config=model.config)) if cache is not None else None
-        return model(input_ids=input_ids, attention_mask=attention_mask, past_key_values=past,
+        past = kv_cache(cache, name, model.config)
+        return model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions, past_key_values=past,
                      use_cache=past is not None, logits_to_keep=int(last)).logits
 
     def active_params(self, names: list[str], with_common: bool) -> int:
@@ -212,7 +212,7 @@ class Scores:
 
 
 @dataclass
-class _Plan:
+class Plan:
     weights: torch.Tensor  # (B, M) over members = names (+ common); a one-hot row is hard routing
     mix: str | None  # "probs" | "hidden": how rows with several members combine them (None: one member per row)
     common: bool  # average the common stack in (MoE-CE)
@@ -239,10 +239,10 @@ class MoE(nn.Module):
                 labels: torch.Tensor | None = None, *, routing: Routing | None = None,
                 force: str | Sequence[str] | None = None, mode: str = "top1", k: int = 2,
                 common: bool | None = None, mix: str = "probs") -> MoEOutput:
-        plan = self._plan(input_ids, attention_mask, routing, force, mode, k, common, mix)
-        logits = self._run(input_ids, attention_mask, plan)
+        plan = self.plan(input_ids, attention_mask, routing, force, mode, k, common, mix)
+        logits = self.run(input_ids, attention_mask, plan)
         loss = lm_loss(logits, labels) if labels is not None else None
-        return MoEOutput(logits, loss, self._ran(plan), self._selected(plan))
+        return MoEOutput(logits, loss, self._ran(plan), self.selected_by(plan))
 
     def score(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **select) -> Scores:
         """Per-token log-probabilities of the next token; `select`: forward's routing options."""
@@ -255,7 +255,7 @@ class MoE(nn.Module):
     def selected(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                  **select) -> list[dict[str, float]]:
         """Per sequence, the members a call with these options mixes (one when routed top-1), with weights."""
-        return self._selected(self._plan(input_ids, attention_mask, select.pop("routing", None), **select))
+        return self.selected_by(self.plan(input_ids, attention_mask, select.pop("routing", None), **select))
 
     @torch.no_grad()
     def generate(self, input_ids: torch.Tensor, max_new_tokens: int = 32, temperature: float = 1.0,
@@ -271,31 +271,27 @@ class MoE(nn.Module):
                top_p: float = 1.0, seed: int = 0, eos_id: int | None = None, **select) -> Iterator[torch.Tensor]:
         """Each step's next token (B,) for equal-length prompts (B, T). Routing is decided once, on the prompt.
 
-        Temperature 0 is greedy; otherwise nucleus sampling from a generator seeded with `seed`, so a seed
-        gives the same text. A sequence that emitted `eos_id` is padded with it; decoding stops when all
-        have. Each expert that runs keeps a KV cache of its rows, so a step runs one token through it; past
-        `n_positions` tokens the caches restart on the last `n_positions` (a sliding window, as without a
-        cache). Call `moe.eval()` first (dropout). What Serve streams (serve/app.py).
+        The rows decode together as the requests of a served batch do (`decoding.Decoder`: a KV cache per
+        expert that runs, a sliding window past `n_positions`). Temperature 0 is greedy; otherwise nucleus
+        sampling, row i from a generator seeded with `seed + i`, so a seed gives the same text alone or in a
+        batch. A row that emitted `eos_id` is padded with it; decoding stops when all have. Call `moe.eval()`
+        first (dropout).
         """
-        if temperature < 0 or not 0 < top_p <= 1:
-            raise MomeError(f"generate needs temperature >= 0 and 0 < top_p <= 1, got {temperature} and {top_p}")
-        plan = self._plan(input_ids, None, select.pop("routing", None), **select)
-        gen = torch.Generator(device=input_ids.device).manual_seed(seed)
-        ids, done = input_ids, torch.zeros(len(input_ids), dtype=torch.bool, device=input_ids.device)
-        cache, fed, context = {}, 0, self.experts.n_positions  # fed: tokens the caches hold
-        for _ in range(max_new_tokens):
-            if ids.shape[1] > context:  # the window slides: positions restart, so the caches do too
-                cache, fed = {}, ids.shape[1] - context
-            logits = self._run(ids[:, fed:], None, plan, last=True, cache=cache)[:, -1].float()  # (B, V)
-            fed = ids.shape[1]
-            nxt = sample_next(logits, temperature, top_p, gen)
-            if eos_id is not None:
-                nxt = torch.where(done, torch.full_like(nxt, eos_id), nxt)
-                done |= nxt == eos_id
-            ids = torch.cat([ids, nxt[:, None]], 1)
-            yield nxt
-            if done.all():
-                return
+        from mome_ray.decoding import Decoder, GenRequest
+
+        if input_ids.ndim != 2 or input_ids.numel() == 0:
+            raise MomeError(f"decode needs a non-empty (B, T) batch of prompts, got shape {tuple(input_ids.shape)}")
+        if max_new_tokens <= 0:
+            return
+        routing = select.pop("routing", None)
+        decoder = Decoder(self, max_batch=len(input_ids))
+        seqs = [decoder.add(GenRequest(row, max_new_tokens, temperature, top_p, seed + i, eos_id), **select,
+                            **({"routing": Routing(routing.index[i: i + 1], routing.probs[i: i + 1])} if routing else {}))
+                for i, row in enumerate(input_ids.tolist())]
+        pad = eos_id if eos_id is not None else 0  # only rows that emitted eos are done early
+        while decoder.busy:
+            made = {id(seq): token for seq, token in decoder.step()}
+            yield torch.tensor([made.get(id(s), pad) for s in seqs], device=input_ids.device)
 
     def active_params(self, force: str | Sequence[str] | None = None, mode: str = "top1", k: int = 2,
                       common: bool | None = None) -> int:
@@ -312,8 +308,8 @@ class MoE(nn.Module):
 
     # --- routing plan: which members run on which rows, with which weight
 
-    def _plan(self, input_ids, attention_mask, routing: Routing | None, force=None, mode: str = "top1",
-              k: int = 2, common: bool | None = None, mix: str = "probs") -> _Plan:
+    def plan(self, input_ids, attention_mask, routing: Routing | None, force=None, mode: str = "top1",
+             k: int = 2, common: bool | None = None, mix: str = "probs") -> Plan:
         if input_ids.ndim != 2 or input_ids.numel() == 0:
             raise MomeError(f"MoE needs a non-empty (B, T) batch of token ids, got shape {tuple(input_ids.shape)}")
         self._check_mix(mix)
@@ -324,7 +320,7 @@ class MoE(nn.Module):
                 raise MomeError("pass either force= or routing=/mode=, not both")
             forced = self._forced(force)
             weights[:, [self.members.index(f) for f in forced]] = 1 / len(forced)
-            return _Plan(weights, None if isinstance(force, str) else mix, common)
+            return Plan(weights, None if isinstance(force, str) else mix, common)
         if mode not in ("top1", "topk"):
             raise MomeError(f"unknown MoE mode '{mode}'; use 'top1' or 'topk'")
         routing = routing if routing is not None else self._route(input_ids, attention_mask)
@@ -344,7 +340,7 @@ class MoE(nn.Module):
             weights.scatter_(1, top.indices, top.values / top.values.sum(1, keepdim=True).clamp(min=1e-12))
         to = fallback(routing, len(self.names), self.experts.has_common)
         weights[unknown] = F.one_hot(to[unknown], len(self.members)).float()
-        return _Plan(weights, mix if mode == "topk" else None, common)
+        return Plan(weights, mix if mode == "topk" else None, common)
 
     def _route(self, input_ids, attention_mask) -> Routing:
         if self.router is None:
@@ -368,40 +364,43 @@ class MoE(nn.Module):
     def _common(self, common: bool | None) -> bool:
         return self.experts.combines_common if common is None else common
 
-    def _selected(self, plan: _Plan) -> list[dict[str, float]]:
+    def selected_by(self, plan: Plan) -> list[dict[str, float]]:
         return [{self.members[m]: round(float(row[m]), 6) for m in row.nonzero().flatten().tolist()}
                 for row in plan.weights.cpu()]
 
-    def _ran(self, plan: _Plan) -> list[tuple[str, ...]]:
+    def _ran(self, plan: Plan) -> list[tuple[str, ...]]:
         extra = (COMMON,) if plan.common else ()
         return [tuple(dict.fromkeys([self.members[m] for m in row.nonzero().flatten().tolist()] + list(extra)))
                 for row in plan.weights.cpu()]  # one device sync, not one per row
 
     # --- running the plan: each member once on its group of rows
 
-    def _groups(self, fn, input_ids, attention_mask, plan: _Plan, **kwargs):
+    def _groups(self, fn, input_ids, attention_mask, positions, plan: Plan, **kwargs):
         """(member index, rows, fn(name, ids[rows], mask[rows], common)) for each member that runs on some rows."""
         for m, name in enumerate(self.members):
             rows = plan.weights[:, m].nonzero().flatten()
             if len(rows):
                 mask = attention_mask[rows] if attention_mask is not None else None
-                yield m, rows, fn(name, input_ids[rows], mask, plan.common, **kwargs)
+                pos = {"positions": positions[rows]} if positions is not None else {}
+                yield m, rows, fn(name, input_ids[rows], mask, plan.common, **pos, **kwargs)
 
-    def _run(self, input_ids, attention_mask, plan: _Plan, last: bool = False, cache: dict | None = None):
+    def run(self, input_ids, attention_mask, plan: Plan, last: bool = False, cache: dict | None = None,
+            positions: torch.Tensor | None = None):
         """(B, T, V) logits, or (B, 1, V) for the last position only with `last` (decoding: the head over
-        every position would cost more than the blocks). With `cache` (decoding under one plan: each member
-        always runs on the same rows), `input_ids` are the tokens after those the members have cached."""
+        every position would cost more than the blocks). With `cache` (decoding: each member's cache holds its
+        rows, in batch order), `input_ids` are the tokens after those cached, `attention_mask` covers the cached
+        tokens and these, and `positions` (B, T) are theirs (left-padded rows: see decoding.py)."""
         if plan.mix == "hidden":  # Σ_m w_m·h_m per row, then the shared head once
             h = None
-            for m, rows, hidden in self._groups(self.experts.hidden, input_ids, attention_mask, plan,
+            for m, rows, hidden in self._groups(self.experts.hidden, input_ids, attention_mask, positions, plan,
                                                 cache=cache):  # (b, T, C)
                 hidden = hidden[:, -1:] if last else hidden
                 h = hidden.new_zeros(len(input_ids), *hidden.shape[1:]) if h is None else h
                 h = h.index_add(0, rows, hidden * plan.weights[rows, m].to(hidden.dtype)[:, None, None])
             return self.experts.head(h)
         order, pieces = [], []
-        for m, rows, logits in self._groups(self.experts.logits, input_ids, attention_mask, plan, last=last,
-                                            cache=cache):
+        for m, rows, logits in self._groups(self.experts.logits, input_ids, attention_mask, positions, plan,
+                                            last=last, cache=cache):
             if plan.mix == "probs":  # weighted log-probs of this member, logsumexp-ed below
                 logits = F.log_softmax(logits.float(), -1) + plan.weights[rows, m].log()[:, None, None]
             order.append(rows)

@@ -1,0 +1,285 @@
+"""Continuous batching for `moe.MoE`: a generation joins the running decode batch at the next step and leaves
+when it is done, so a new request never waits for the longest one in a batch (static batching's cost).
+
+    decoder = Decoder(moe, max_batch=16)              # any expert bank: PLE, JEET, MoE-CE (a teacher: a one-model PLE)
+    seq = decoder.add(GenRequest(prompt_ids, 32, temperature=0.8, top_p=0.95, seed=1, eos_id=eos),
+                      routing=routing)                # MoE.forward's selection: routing= | force= | mode="topk", k=
+    while decoder.busy:
+        for seq, token in decoder.step(): ...         # one new token per running request; seq.done after its last
+    async for token in Streams(decoder).generate(req, **select): ...    # the same from asyncio (Serve)
+
+A step:
+1. every running request feeds its last token through the experts its selection runs, all rows at once:
+   `MoE.run` with the batch's caches (routing, top-k mixing and the common expert exactly as evaluated), then
+   samples its next token from its own generator (seeded: a seed gives the same text alone or in a batch);
+2. waiting requests join while fewer than `max_batch` run (`admit="static"`: only when none runs, so a batch
+   starts together and a new request waits for the longest one, as `@serve.batch` over a whole generation
+   does): each is prefilled alone, which gives its first token, and its KV caches join the batch's;
+3. a request that emitted its `eos_id` or its `max_new_tokens` leaves: its cache rows go, and cache columns no
+   remaining row needs are cut.
+A batch keeps one KV cache per expert stack that runs (rows: the requests that run it, in batch order), every
+cache left-padded to one length with one attention mask, and each row's positions count its real tokens.
+Requests that combine experts alike share a batch (one expert; a mix of distributions; of hidden states; ±
+the common stack). Past `n_positions` a request slides its window: it is prefilled again on its last
+`n_positions` tokens (as decoding always did).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import deque
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from mome_ray.errors import MomeError
+from mome_ray.moe import MoE, Plan, sample_next
+
+ADMITS = ("continuous", "static")
+
+
+@dataclass
+class GenRequest:
+    ids: list[int]  # the prompt's token ids (at least one)
+    max_new_tokens: int
+    temperature: float = 1.0  # 0 = greedy
+    top_p: float = 1.0
+    seed: int = 0
+    eos_id: int | None = None  # stop after emitting it
+
+
+@dataclass(eq=False)
+class Seq:
+    """One generation in a `Decoder`: its request, its row of the MoE's plan, what it has made."""
+
+    req: GenRequest
+    weights: torch.Tensor  # (M,) over the MoE's members
+    kind: tuple  # (mix, common): requests of one kind share a batch
+    selected: dict[str, float]  # the members it mixes, with their weights
+    gen: torch.Generator
+    ids: list[int]  # prompt + new tokens
+    made: int = 0
+    done: bool = False  # emitted eos or its max_new_tokens, or cancelled
+
+
+@dataclass(eq=False)
+class _Batch:
+    seqs: list[Seq] = field(default_factory=list)
+    cache: dict = field(default_factory=dict)  # stack key (the bank's) -> DynamicCache of its rows
+    rows: dict = field(default_factory=dict)  # stack key -> the Seqs of its rows, in batch order
+    mask: torch.Tensor | None = None  # (B, L): 1 where a cached column is a real token of that row
+
+
+class Decoder:
+    """Requests decoding together over one MoE; `step()` advances every one by a token. Not thread-safe except
+    `add` and `cancel`, which may be called while `step` runs in another thread."""
+
+    def __init__(self, moe: MoE, max_batch: int = 16, admit: str = "continuous"):
+        if admit not in ADMITS:
+            raise MomeError(f"unknown batching '{admit}'; use one of {list(ADMITS)}")
+        if max_batch < 1:
+            raise MomeError(f"a decode batch needs max_batch >= 1, got {max_batch}")
+        self.moe, self.max_batch, self.admit = moe, max_batch, admit
+        self.context = moe.experts.n_positions
+        self.device = next(moe.parameters()).device
+        self.waiting: deque[Seq] = deque()
+        self.batches: dict[tuple, _Batch] = {}
+
+    @property
+    def running(self) -> int:
+        return sum(len(b.seqs) for b in self.batches.values())
+
+    @property
+    def busy(self) -> bool:
+        return bool(self.waiting) or bool(self.batches)
+
+    def add(self, req: GenRequest, **select) -> Seq:
+        """Queue a generation: it joins at the next step. `select`: `MoE.forward`'s (routing=, force=, mode=,
+        k=, common=, mix=). A bad request raises MomeError and queues nothing."""
+        if not req.ids or req.max_new_tokens < 1:
+            raise MomeError(f"a generation needs a prompt of at least one token and max_new_tokens >= 1, got "
+                            f"{len(req.ids)} tokens and {req.max_new_tokens}")
+        if req.temperature < 0 or not 0 < req.top_p <= 1:
+            raise MomeError(f"generate needs temperature >= 0 and 0 < top_p <= 1, got {req.temperature} and {req.top_p}")
+        ids = torch.tensor([req.ids], device=self.device)
+        plan = self.moe.plan(ids, None, select.pop("routing", None), **select)
+        seq = Seq(req, plan.weights[0], (plan.mix, plan.common), self.moe.selected_by(plan)[0],
+                  torch.Generator(device=self.device).manual_seed(req.seed), list(req.ids))
+        self.waiting.append(seq)
+        return seq
+
+    def cancel(self, seq: Seq) -> None:
+        """Stop a generation (its client left): it leaves at the next step."""
+        seq.done = True
+
+    def clear(self) -> list[Seq]:
+        """Drop every request (after a failed step); returns those that were waiting or running."""
+        dropped = list(self.waiting) + [s for b in self.batches.values() for s in b.seqs]
+        self.waiting.clear()
+        self.batches.clear()
+        return dropped
+
+    @torch.inference_mode()
+    def step(self) -> list[tuple[Seq, int]]:
+        """One token for every running request and for each request that joins now."""
+        out: list[tuple[Seq, int]] = []
+        for batch in list(self.batches.values()):
+            self._leave(batch)
+            slid = [s for s, n in zip(batch.seqs, batch.mask.sum(1).tolist()) if n >= self.context]
+            for s in slid:  # no position left in the window: prefilled again on its last n_positions tokens
+                self._drop(batch, s)
+            if batch.seqs:
+                self._decode(batch, out)
+            for s in slid:
+                self._prefill(s, out)
+        if self.admit == "continuous" or not self.running:
+            while self.waiting and self.running < self.max_batch:
+                seq = self.waiting.popleft()
+                if not seq.done:
+                    self._prefill(seq, out)
+        for batch in list(self.batches.values()):
+            self._leave(batch)
+        return out
+
+    # --- a step's parts
+
+    def _plan(self, seqs: list[Seq]) -> Plan:
+        mix, common = seqs[0].kind
+        return Plan(torch.stack([s.weights for s in seqs]), mix, common)
+
+    def _decode(self, batch: _Batch, out: list) -> None:
+        """Each row's last token through its experts, with the batch's caches."""
+        tokens = torch.tensor([[s.ids[-1]] for s in batch.seqs], device=self.device)
+        positions = batch.mask.sum(1, keepdim=True)  # real tokens cached = the next token's position
+        mask = torch.cat([batch.mask, batch.mask.new_ones(len(batch.seqs), 1)], 1)
+        padded = not bool(mask.all())  # no padding (one row, or rows alike): no mask to build
+        logits = self.moe.run(tokens, mask if padded else None, self._plan(batch.seqs), last=True,
+                              cache=batch.cache, positions=positions)[:, -1]
+        batch.mask = mask
+        for seq, row in zip(batch.seqs, logits):
+            out.append((seq, self._sample(seq, row)))
+
+    def _prefill(self, seq: Seq, out: list) -> None:
+        """Run a request's prompt (its last n_positions tokens) alone; sample; join its kind's batch."""
+        ids = torch.tensor([seq.ids[-self.context:]], device=self.device)
+        cache: dict = {}
+        logits = self.moe.run(ids, torch.ones_like(ids), self._plan([seq]), last=True, cache=cache)[0, -1]
+        out.append((seq, self._sample(seq, logits)))
+        if not seq.done:
+            self._join(self.batches.setdefault(seq.kind, _Batch()), seq, cache, ids.shape[1])
+
+    def _sample(self, seq: Seq, logits: torch.Tensor) -> int:
+        r = seq.req
+        token = int(sample_next(logits[None].float(), r.temperature, r.top_p, seq.gen)[0])
+        seq.ids.append(token)
+        seq.made += 1
+        seq.done = seq.done or token == r.eos_id or seq.made >= r.max_new_tokens
+        return token
+
+    def _join(self, batch: _Batch, seq: Seq, cache: dict, length: int) -> None:
+        """Merge one request's caches (`length` tokens) into the batch's, left-padding both to one length."""
+        have = batch.mask.shape[1] if batch.seqs else 0
+        width = max(have, length)
+        if batch.seqs and width > have:
+            for c in batch.cache.values():
+                _pad_left(c, width - have)
+            batch.mask = F.pad(batch.mask, (width - have, 0))
+        row = torch.zeros(1, width, dtype=torch.long, device=self.device)
+        row[:, width - length:] = 1
+        for key, c in cache.items():
+            _pad_left(c, width - length)
+            if key in batch.cache:
+                for mine, new in zip(batch.cache[key].layers, c.layers):
+                    mine.keys, mine.values = torch.cat([mine.keys, new.keys]), torch.cat([mine.values, new.values])
+            else:
+                batch.cache[key] = c
+            batch.rows.setdefault(key, []).append(seq)
+        batch.mask = torch.cat([batch.mask, row]) if batch.seqs else row
+        batch.seqs.append(seq)
+
+    def _leave(self, batch: _Batch) -> None:
+        """Drop the rows of requests that are done; cut the columns only they needed."""
+        if not any(s.done for s in batch.seqs):
+            return
+        for s in [s for s in batch.seqs if s.done]:
+            self._drop(batch, s)
+
+    def _drop(self, batch: _Batch, seq: Seq) -> None:
+        keep = [i for i, s in enumerate(batch.seqs) if s is not seq]
+        for key in list(batch.rows):
+            rows = batch.rows[key]
+            if seq not in rows:
+                continue
+            kept = [i for i, s in enumerate(rows) if s is not seq]
+            if not kept:
+                del batch.rows[key], batch.cache[key]
+                continue
+            index = torch.tensor(kept, device=self.device)
+            for layer in batch.cache[key].layers:
+                layer.keys, layer.values = layer.keys[index], layer.values[index]
+            batch.rows[key] = [rows[i] for i in kept]
+        batch.seqs = [batch.seqs[i] for i in keep]
+        if not batch.seqs:
+            del self.batches[seq.kind]
+            return
+        batch.mask = batch.mask[keep]
+        start = int(batch.mask.any(0).long().argmax())  # the first column some row still needs
+        if start:
+            batch.mask = batch.mask[:, start:]
+            for c in batch.cache.values():
+                for layer in c.layers:
+                    layer.keys, layer.values = layer.keys[:, :, start:], layer.values[:, :, start:]
+
+
+def _pad_left(cache, n: int) -> None:
+    """Prepend `n` empty (masked) columns to every layer of a DynamicCache."""
+    if n:
+        for layer in cache.layers:
+            layer.keys, layer.values = F.pad(layer.keys, (0, 0, n, 0)), F.pad(layer.values, (0, 0, n, 0))
+
+
+class Streams:
+    """A `Decoder` driven from asyncio (a Serve replica): `generate` streams one request's tokens while a loop
+    steps the decoder in a worker thread, so requests come and go without blocking the event loop.
+    `wait_s`: before a batch starts from idle, wait this long for others to join (static batching's window)."""
+
+    def __init__(self, decoder: Decoder, wait_s: float = 0.0):
+        self.decoder, self.wait_s = decoder, wait_s
+        self.queues: dict[int, asyncio.Queue] = {}
+        self.loop: asyncio.Task | None = None
+
+    async def generate(self, req: GenRequest, **select) -> AsyncIterator:
+        """The request's `selected` members ({member: weight}) first, then each new token id as it is made."""
+        seq = self.decoder.add(req, **select)  # a bad request raises here: nothing queued
+        queue = self.queues[id(seq)] = asyncio.Queue()
+        if self.loop is None:
+            self.loop = asyncio.create_task(self._run())
+        try:
+            yield seq.selected
+            while (token := await queue.get()) is not None:
+                if isinstance(token, BaseException):
+                    raise token
+                yield token
+        finally:  # done, failed, or the consumer left: stop decoding it
+            self.decoder.cancel(seq)
+            self.queues.pop(id(seq), None)
+
+    async def _run(self) -> None:
+        try:
+            while self.decoder.busy:
+                if self.wait_s and not self.decoder.running:
+                    await asyncio.sleep(self.wait_s)
+                out = await asyncio.to_thread(self.decoder.step)
+                for seq, token in out:
+                    if (queue := self.queues.get(id(seq))) is not None:
+                        queue.put_nowait(token)
+                        if seq.done:
+                            queue.put_nowait(None)
+        except Exception as e:  # a step failed: every request in it fails with the error, none hangs
+            for seq in self.decoder.clear():
+                if (queue := self.queues.get(id(seq))) is not None:
+                    queue.put_nowait(e)
+        finally:
+            self.loop = None
