@@ -114,12 +114,10 @@ class Decoder:
         """Stop a generation (its client left): it leaves at the next step."""
         seq.done = True
 
-    def clear(self) -> list[Seq]:
-        """Drop every request (after a failed step); returns those that were waiting or running."""
-        dropped = list(self.waiting) + [s for b in self.batches.values() for s in b.seqs]
+    def clear(self) -> None:
+        """Drop every request (after a failed step)."""
         self.waiting.clear()
         self.batches.clear()
-        return dropped
 
     @torch.inference_mode()
     def step(self) -> list[tuple[Seq, int]]:
@@ -277,9 +275,9 @@ class Streams:
                         queue.put_nowait(token)
                         if seq.done:
                             queue.put_nowait(None)
-        except Exception as e:  # a step failed: every request in it fails with the error, none hangs
-            for seq in self.decoder.clear():
-                if (queue := self.queues.get(id(seq))) is not None:
-                    queue.put_nowait(e)
+        except Exception as e:  # a step failed: every open request fails with the error, none hangs
+            self.decoder.clear()
+            for queue in self.queues.values():
+                queue.put_nowait(e)
         finally:
             self.loop = None

@@ -1,17 +1,13 @@
-"""What the Serve app serves, without Ray: the served run (`ServeSpec`), one served LM (`ServedLM`), config.
+"""What the Serve app serves, without Ray: the served run (`ServeSpec`), its models, the `serve:` config.
 
     spec = load_spec("runs/small")                    # the variant serve.model names (default: the grid's best)
     moe = load_moe({n: fetched(stage) for n, stage in spec.parts.items()}, spec.variant)   # moe.MoE, as the grid's
-    lm = ServedLM("runs/small/teacher")               # one HF LM (the teacher), loaded from safetensors only
-    lm.score([[12, 7, 99]])                           # per-token log p(next token), one list per row
-    for step in lm.generate([GenRequest(ids, 32, temperature=0.8, top_p=0.95, seed=1)]):
-        ...                                           # one new token per request per step (None once done)
+    teacher = load_moe({"teacher": "runs/small/teacher"}, "ple")                           # a one-model PLE
 
 `serve/app.py` puts the MoE in one deployment (the same `moe.MoE` the evaluation grid scores: routing rules,
-top-k mixing and generation live there), the teacher's `ServedLM` in another and the router in the ingress.
-The teacher's generation is batched across requests of different lengths (left padding + explicit
-positions) with a KV cache, and each request samples from its own seeded generator, so a seed gives the
-same text alone or in a batch.
+top-k mixing and generation live there), the teacher in another of the same kind and the router in the
+ingress. Both generate with `decoding.Decoder` (continuous batching, a KV cache, a seeded generator per
+request: a seed gives the same text alone or in a batch).
 """
 
 from __future__ import annotations
@@ -19,7 +15,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,7 +24,6 @@ import torch.nn.functional as F
 
 from mome_ray.errors import MomeError
 from mome_ray.jeet import COMMON
-from mome_ray.moe import sample_next
 
 TEACHER = "teacher"
 TOKEN_ENV = "MOME_SERVE_TOKEN"  # the default env var holding the HTTP API's bearer token
@@ -89,10 +83,19 @@ class ServeConfig:
     token_env: str = TOKEN_ENV
     token_file: str = ""
     access_log: bool = False  # per-request access logs (off: they cost throughput, DESIGN.md)
+    # How generations share a decode batch (decoding.py): "continuous" (a request joins the running batch at the
+    # next step, leaves when done) or "static" (a batch starts together; a new request waits for its longest).
+    batching: str = "continuous"
     limits: ServeLimits = field(default_factory=ServeLimits)
     router: DeploymentArgs = field(default_factory=lambda: DeploymentArgs(num_cpus=0.25, max_batch_size=32))
     moe: DeploymentArgs = field(default_factory=lambda: DeploymentArgs(num_cpus=0.5))  # the MoE: every expert
     baseline: DeploymentArgs = field(default_factory=DeploymentArgs)  # the teacher
+
+    def __post_init__(self):
+        from mome_ray.decoding import ADMITS
+
+        if self.batching not in ADMITS:
+            raise MomeError(f"serve.batching '{self.batching}' is not one of {list(ADMITS)}")
 
     def token(self) -> str:
         return read_token(self.token_env, self.token_file)
@@ -254,76 +257,6 @@ def file_version(path: Path) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()[:12]
-
-
-@dataclass
-class GenRequest:
-    ids: list[int]  # the prompt's token ids (at least one)
-    max_new_tokens: int
-    temperature: float = 1.0  # 0 = greedy
-    top_p: float = 1.0
-    seed: int = 0
-    eos_id: int | None = None  # stop there (the MoE; a ServedLM stops at its model's own eos)
-
-
-class ServedLM:
-    """One causal LM from a safetensors directory, for batched scoring and generation on CPU or GPU."""
-
-    def __init__(self, model_dir: str | Path, device: str | torch.device = "cpu"):
-        from transformers import AutoModelForCausalLM
-
-        model_dir = Path(model_dir)
-        check_model_dir(model_dir.name, model_dir)
-        self.model = AutoModelForCausalLM.from_pretrained(str(model_dir), use_safetensors=True).to(device).eval()
-        self.model_dir, self.device = model_dir, torch.device(device)
-        self.version = file_version(model_dir / "model.safetensors")
-        cfg = self.model.config
-        self.n_positions, self.vocab_size, self.eos_id = cfg.n_positions, cfg.vocab_size, cfg.eos_token_id
-        self.pad_id = cfg.pad_token_id if cfg.pad_token_id is not None else 0
-        self.params = sum(p.numel() for p in self.model.parameters())
-
-    def info(self) -> dict:
-        return {"version": self.version, "params": self.params, "n_positions": self.n_positions,
-                "model_dir": str(self.model_dir)}
-
-    @torch.inference_mode()
-    def score(self, rows: list[list[int]]) -> list[list[float]]:
-        """Per row, log p(token t+1 | tokens <= t) for each of its len − 1 next tokens."""
-        ids, mask, pos = self._pad(rows, left=False)
-        logp = F.log_softmax(self.model(input_ids=ids, attention_mask=mask, position_ids=pos).logits.float(), -1)
-        picked = logp[:, :-1].gather(-1, ids[:, 1:, None]).squeeze(-1)
-        return [picked[i, : len(r) - 1].tolist() for i, r in enumerate(rows)]
-
-    @torch.inference_mode()
-    def generate(self, reqs: list[GenRequest]) -> Iterator[list[int | None]]:
-        """Per step, each request's next token, or None once it is done (eos or its max_new_tokens)."""
-        for r in reqs:
-            if not r.ids or len(r.ids) + r.max_new_tokens > self.n_positions:
-                raise MomeError(f"a prompt of {len(r.ids)} tokens + {r.max_new_tokens} new tokens does not fit "
-                                f"this model's context of {self.n_positions} tokens")
-        gens = [torch.Generator().manual_seed(r.seed) for r in reqs]
-        ids, mask, pos = self._pad([r.ids for r in reqs], left=True)
-        done = [False] * len(reqs)
-        past, step = None, 0
-        while not all(done):
-            out = self.model(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=past, use_cache=True)
-            past, logits = out.past_key_values, out.logits[:, -1].float().cpu()
-            nxt = []
-            for i, r in enumerate(reqs):
-                if done[i]:
-                    nxt.append(None)
-                    continue
-                tok = int(sample_next(logits[i: i + 1], r.temperature, r.top_p, gens[i])[0])
-                nxt.append(tok)
-                done[i] = tok == self.eos_id or step + 1 >= r.max_new_tokens
-            yield nxt
-            step += 1
-            ids = torch.tensor([[t if t is not None else self.pad_id] for t in nxt], device=self.device)
-            mask = torch.cat([mask, torch.ones_like(ids)], 1)
-            pos = pos[:, -1:] + 1
-
-    def _pad(self, rows: list[list[int]], left: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        return tuple(t.to(self.device) for t in pad_rows(rows, self.pad_id, left))
 
 
 def pad_rows(rows: list[list[int]], pad_id: int = 0, left: bool = False) -> tuple[torch.Tensor, ...]:

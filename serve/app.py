@@ -40,8 +40,9 @@ from mome_ray.errors import MomeError
 from mome_ray.jeet import COMMON
 from mome_ray.moe import UNKNOWN, Routing, decide, fallback
 from mome_ray.router.store import INFO as ROUTER_INFO
-from mome_ray.serving import (TEACHER, TOKEN_ENV, VARIANTS, GenRequest, ServeConfig, ServedLM, ServeSpec,
-                               check_artifact, load_moe, load_spec, model_config, pad_rows, read_token)
+from mome_ray.decoding import Decoder, GenRequest, Streams
+from mome_ray.serving import (TEACHER, TOKEN_ENV, VARIANTS, ServeConfig, ServeSpec, check_artifact, load_moe,
+                               load_spec, model_config, pad_rows, read_token)
 from mome_ray.storage import RunStore
 from mome_ray.training import process_device
 from serve.api import (CompletionRequest, ExpertInfo, ExpertsResponse, GenerateRequest, GenerateResponse, ModelCard,
@@ -61,64 +62,6 @@ def replica_setup(threads: int) -> None:
     transformers.utils.logging.set_verbosity_error()
 
 
-@serve.deployment
-class Expert:
-    """One HF causal LM (the teacher, the baseline): batched score and generate with a KV cache.
-
-    The batch queues belong to the instance (`serve.batch` over bound methods): a queue on the class would
-    be shared by every deployment living in one process (Serve's local testing mode) and mix their requests.
-    """
-
-    def __init__(self, name: str, threads: int):
-        replica_setup(threads)
-        self.name, self.lm, self.source = name, None, None
-        batch = serve.batch(max_batch_size=1)  # sizes from the user_config, in reconfigure
-        self._score, self._generate = batch(self._score_rows), batch(self._generate_rows)
-
-    def reconfigure(self, config: dict) -> None:
-        """Load artifact `config["stage"]` of run `config["run"]` (fetched to this replica's node) unless this
-        version is already loaded; then swap (a hot update). Serve calls it right after `__init__` with the
-        deployment's user_config: the only place a model loads, so a replica started after a hot update loads
-        the new version once (not the one it was first bound with, then the new one)."""
-        set_batching((self._score, self._generate), config)
-        source = (config["run"], config["stage"])
-        if self.lm is None or self.lm.version != config["version"] or self.source != source:
-            # on the replica's GPU when it has one; requests already running keep the model they hold
-            self.lm = ServedLM(RunStore(config["run"]).fetch(config["stage"]), process_device())
-            self.source = source
-
-    async def check_health(self) -> None:
-        """Serve's periodic health check: a replica whose model cannot run a 2-token forward is replaced."""
-        if self.lm is None:
-            raise RuntimeError(f"{self.name}: no model loaded (its reconfigure never succeeded)")
-        await asyncio.to_thread(self.lm.score, [[0, 0]])
-
-    def info(self) -> dict:
-        return {"experts": [{"name": self.name, "kind": TEACHER, **self.lm.info()}]}
-
-    async def score(self, ids: list[int]) -> list[float]:
-        return await self._score(ids)
-
-    async def generate(self, req: GenRequest) -> AsyncIterator[int]:
-        """Streams the request's new token ids."""
-        async for token in self._generate(req):
-            yield token
-
-    async def complete(self, req: GenRequest) -> dict:
-        """The whole generation in one answer (no streamed item per token): {"selected", "tokens"}."""
-        return {"selected": {self.name: 1.0}, "tokens": [t async for t in self._generate(req)]}
-
-    async def _score_rows(self, rows: list[list[int]]) -> list[list[float]]:
-        return await asyncio.to_thread(self.lm.score, rows)
-
-    async def _generate_rows(self, reqs: list[GenRequest]) -> AsyncIterator[list]:
-        """Per step, each request's next token id (StopIteration ends that request's stream)."""
-        lm = self.lm  # the whole batch runs on one version, whatever reconfigure does meanwhile
-        steps = lm.generate(reqs)
-        while (out := await asyncio.to_thread(next, steps, None)) is not None:
-            yield [StopIteration if t is None else t for t in out]
-
-
 def set_batching(queues, config: dict) -> None:
     for queue in queues:
         queue.set_max_batch_size(config["max_batch_size"])
@@ -127,17 +70,18 @@ def set_batching(queues, config: dict) -> None:
 
 @serve.deployment
 class MoEServer:
-    """The served MoE (PLE, JEET or MoE-CE): `moe.MoE` over every expert, loaded once per replica.
+    """A served MoE (PLE, JEET or MoE-CE; the teacher: a one-model PLE): `moe.MoE`, loaded once per replica.
 
     A request says how it selects experts (`select`): {"routing": {"index", "probs"}} as the ingress's router
     decided, optionally with {"mode": "topk", "k": k}, or {"force": expert}; `MoE` applies it exactly as in the
     evaluation grid (the unknown rule, top-k weights, mixing). Scores are batched across requests that select
-    alike; each generation decodes on its own (its seed, alone or among others, gives the same text).
+    alike (`@serve.batch`); generations are batched continuously (`serve.batching`: a request joins the running
+    decode batch at the next step; its seed gives the same text alone or among others).
     """
 
     def __init__(self, threads: int):
         replica_setup(threads)
-        self.moe, self.loaded, self.parts = None, None, []
+        self.moe, self.streams, self.loaded, self.parts = None, None, None, []
         self._score = serve.batch(max_batch_size=1)(self._score_rows)  # sizes from the user_config
 
     def reconfigure(self, config: dict) -> None:
@@ -148,11 +92,15 @@ class MoEServer:
         if loaded != self.loaded:
             dirs = {n: RunStore(p["run"]).fetch(p["stage"]) for n, p in config["parts"].items()}
             moe = load_moe(dirs, config["variant"], process_device())
-            self.parts = [{"name": n, "kind": COMMON if n == COMMON else "language",
+            self.parts = [{"name": n, "kind": n if n in (COMMON, TEACHER) else "language",
                            "version": config["versions"].get(n) or next(iter(config["versions"].values())),
                            "params": moe.active_params(force=n), "n_positions": moe.experts.n_positions}
                           for n in moe.members]
-            self.moe, self.loaded, self.variant = moe, loaded, config["variant"]
+            self.moe, self.loaded, self.variant, self.streams = moe, loaded, config["variant"], None
+        if self.streams is None or (self.streams.decoder.max_batch, self.streams.decoder.admit) != \
+                (config["max_batch_size"], config["batching"]):  # a new decoder; generations running keep theirs
+            self.streams = Streams(Decoder(self.moe, config["max_batch_size"], config["batching"]),
+                                   config["batch_wait_timeout_s"] if config["batching"] == "static" else 0.0)
 
     async def check_health(self) -> None:
         """Serve's periodic health check: a replica whose MoE cannot run a 2-token forward is replaced."""
@@ -175,14 +123,12 @@ class MoEServer:
         return {**head, "tokens": [t async for t in stream]}
 
     async def generate(self, req: GenRequest, select: dict) -> AsyncIterator:
-        """Streams {"selected": {member: weight}} first, then the new token ids (`MoE.decode`)."""
-        moe = self.moe  # the whole generation runs on one version, whatever reconfigure does meanwhile
-        ids = torch.tensor([req.ids], device=self._device())
-        kwargs = self._kwargs([select])
-        yield {"selected": moe.selected(ids, **kwargs)[0]}
-        steps = moe.decode(ids, req.max_new_tokens, req.temperature, req.top_p, req.seed, req.eos_id, **kwargs)
-        while (nxt := await asyncio.to_thread(next, steps, None)) is not None:
-            yield int(nxt[0])
+        """Streams {"selected": {member: weight}} first, then the new token ids: the request joins this
+        replica's running decode batch (`decoding.Decoder`) at its next step and leaves when done."""
+        stream = self.streams.generate(req, **self._kwargs([select]))  # a generation keeps the model it started on
+        yield {"selected": await anext(stream)}
+        async for token in stream:
+            yield token
 
     async def _score_rows(self, items: list[tuple[list[int], dict]]) -> list[dict]:
         return await asyncio.to_thread(self._score_sync, items)
@@ -311,11 +257,7 @@ class Gateway:
         ids = self._encode(body.prompt)
         target, select, route = await self._select(body, body.prompt)
         self._check_fits(target, len(ids), 0)
-        if target == TEACHER:
-            out = {"logprobs": await self.handles[TEACHER].score.remote(ids), "selected": {TEACHER: 1.0},
-                   "experts": [TEACHER]}
-        else:
-            out = await self.handles[MOE].score.remote(ids, select)
+        out = await self.handles[target].score.remote(ids, select)
         logp = out["logprobs"]
         return ScoreResponse(experts=list(out["selected"]), weights=list(out["selected"].values()), route=route,
                              tokens=[self.tok.decode([i]) for i in ids[1:]], logprobs=logp,
@@ -367,7 +309,7 @@ class Gateway:
         if body.expert is not None:
             if body.expert not in self.servable:
                 raise HTTPException(422, f"expert: no expert '{body.expert}'; this app serves {self.servable}")
-            return (TEACHER, {}, None) if body.expert == TEACHER else (MOE, {"force": body.expert}, None)
+            return (TEACHER if body.expert == TEACHER else MOE), {"force": body.expert}, None
         self._need_router()
         if body.top_k is not None and body.top_k > len(self.langs):
             raise HTTPException(422, f"top_k: at most {len(self.langs)} (the language experts), got {body.top_k}")
@@ -430,12 +372,12 @@ class Gateway:
         otherwise one call answers the whole of it (a streamed item per token costs ~1 ms each way)."""
         ids, target, select, route = plan
         req = GenRequest(ids, max_new, temperature, top_p, seed, self.eos)
-        handle, args = (self.handles[TEACHER], (req,)) if target == TEACHER else (self.handles[MOE], (req, select))
+        handle = self.handles[target]
         if stream:
-            tokens = handle.options(stream=True).generate.remote(*args)
-            selected = {TEACHER: 1.0} if target == TEACHER else (await tokens.__anext__())["selected"]
+            tokens = handle.options(stream=True).generate.remote(req, select)
+            selected = (await tokens.__anext__())["selected"]
         else:
-            done = await handle.complete.remote(*args)
+            done = await handle.complete.remote(req, select)
             selected, tokens = done["selected"], _items(done["tokens"])
         return Generation(list(selected), list(selected.values()), route, len(ids) - 1, tokens, self.tok, self.eos)
 
@@ -496,13 +438,14 @@ def resolve(args: AppArgs) -> tuple[ServeConfig, ServeSpec, dict[str, dict]]:
                           (str(Path(location).absolute().parent), Path(location).name))
         version = check_artifact(RunStore(run), name, stage) if name in args.models else spec.versions[name]
         located[name] = {"run": run, "stage": stage, "version": version}
-    batching = lambda opts: {"max_batch_size": opts.max_batch_size,  # noqa: E731
-                             "batch_wait_timeout_s": opts.batch_wait_timeout_s}
-    configs = {MOE: {"variant": spec.variant,
-                     "parts": {n: {"run": p["run"], "stage": p["stage"]} for n, p in located.items() if n != TEACHER},
-                     "versions": {n: p["version"] for n, p in located.items() if n != TEACHER}, **batching(cfg.moe)}}
+    def user_config(variant: str, names: list[str], opts) -> dict:
+        return {"variant": variant, "parts": {n: {"run": located[n]["run"], "stage": located[n]["stage"]} for n in names},
+                "versions": {n: located[n]["version"] for n in names}, "max_batch_size": opts.max_batch_size,
+                "batch_wait_timeout_s": opts.batch_wait_timeout_s, "batching": cfg.batching}
+
+    configs = {MOE: user_config(spec.variant, [n for n in located if n != TEACHER], cfg.moe)}
     if spec.teacher:
-        configs[TEACHER] = {**located[TEACHER], **batching(cfg.baseline)}
+        configs[TEACHER] = user_config("ple", [TEACHER], cfg.baseline)  # the teacher: a one-model PLE
     return cfg, spec, configs
 
 
@@ -536,15 +479,15 @@ def app_of(args: AppArgs, cfg: ServeConfig, spec: ServeSpec, configs: dict[str, 
     handles = {MOE: MoEServer.options(**cfg.moe.options(MOE, cfg.access_log), user_config=configs[MOE]).bind(
         max(1, round(cfg.moe.num_cpus)))}
     if spec.teacher:
-        handles[TEACHER] = Expert.options(**cfg.baseline.options(TEACHER, cfg.access_log),
-                                          user_config=configs[TEACHER]).bind(TEACHER, max(1, round(cfg.baseline.num_cpus)))
+        handles[TEACHER] = MoEServer.options(**cfg.baseline.options(TEACHER, cfg.access_log),
+                                             user_config=configs[TEACHER]).bind(max(1, round(cfg.baseline.num_cpus)))
     store = RunStore(spec.run)
     router_version = None
     if spec.router and (info := store.read_bytes(f"{spec.router}/{ROUTER_INFO}")):
         router_version = json.loads(info).get("sha256", "")[:12] or None  # the sha256 its loader checks it by
     n_positions = {MOE: spec.n_positions}
     if spec.teacher:
-        t = configs[TEACHER]
+        t = configs[TEACHER]["parts"][TEACHER]
         n_positions[TEACHER] = model_config(RunStore(t["run"]), t["stage"])["n_positions"]
     gateway = {"run": spec.run, "langs": spec.langs, "members": spec.members, "tokenizer": spec.tokenizer,
                "router": spec.router, "router_version": router_version,

@@ -1,4 +1,4 @@
-"""Serving: the served LM's batching invariants, the app logic in Serve's local testing mode, and one real
+"""Serving: the app logic in Serve's local testing mode, and one real
 HTTP session on loopback (every endpoint, every validation error, streaming, auth, a hot update, the official
 `openai` client). The served run is tests/conftest.py's `served_run`.
 """
@@ -15,7 +15,7 @@ import requests
 import torch
 
 from mome_ray.errors import MomeError
-from mome_ray.serving import GenRequest, ServedLM, load_spec
+from mome_ray.serving import load_spec
 from tests.conftest import ROOT, SERVED_LANGS, _free_port, local_serve, wait_until_ready
 
 LANGS = SERVED_LANGS
@@ -29,38 +29,6 @@ class Client(requests.Session):
 
     def request(self, *args, timeout=60, **kwargs):
         return super().request(*args, timeout=timeout, **kwargs)
-
-
-# --- the served LM: batching must not change any answer
-
-
-def test_batched_cached_generation_equals_each_request_alone_and_a_full_recompute(served_run):
-    lm = ServedLM(served_run / "experts" / "en")
-    reqs = [GenRequest([0, 5, 9, 13, 2], 12, temperature=0.0), GenRequest([0, 7], 9, temperature=0.9, seed=3),
-            GenRequest([0, 3, 4], 6, temperature=1.2, top_p=0.8, seed=5)]
-    together = list(lm.generate(reqs))
-    for i, r in enumerate(reqs):
-        alone = [step[0] for step in lm.generate([r])]
-        mine = [step[i] for step in together][: len(alone)]
-        assert mine == alone and all(t is None for t in [s[i] for s in together][len(alone):])
-    ids = torch.tensor([reqs[0].ids])
-    with torch.no_grad():  # greedy without a KV cache, one full forward per token
-        for _ in range(12):
-            ids = torch.cat([ids, lm.model(ids).logits[:, -1].argmax(-1, keepdim=True)], 1)
-    assert [s[0] for s in together] == ids[0, 5:].tolist()
-
-
-def test_scores_are_the_models_log_probabilities_whatever_the_padding(served_run):
-    lm = ServedLM(served_run / "experts" / "fr")
-    rows = [[0, 11, 12, 13, 14, 15], [0, 21, 22]]
-    batched = lm.score(rows)
-    for row, got in zip(rows, batched):
-        with torch.no_grad():
-            logp = torch.log_softmax(lm.model(torch.tensor([row])).logits[0, :-1], -1)
-        want = logp.gather(-1, torch.tensor(row[1:])[:, None]).squeeze(-1)
-        assert len(got) == len(row) - 1 and torch.allclose(torch.tensor(got), want, atol=1e-5)
-    with pytest.raises(MomeError, match="does not fit"):
-        list(lm.generate([GenRequest([0] * 60, 10)]))
 
 
 def test_only_safetensors_models_are_served(served_run, tmp_path):
