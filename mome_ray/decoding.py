@@ -123,6 +123,7 @@ class Decoder:
     def step(self) -> list[tuple[Seq, int]]:
         """One token for every running request and for each request that joins now."""
         out: list[tuple[Seq, int]] = []
+        joining: list[Seq] = []
         for batch in list(self.batches.values()):
             self._leave(batch)
             slid = [s for s, n in zip(batch.seqs, batch.mask.sum(1).tolist()) if n >= self.context]
@@ -130,15 +131,17 @@ class Decoder:
                 self._drop(batch, s)
             if batch.seqs:
                 self._decode(batch, out)
-            for s in slid:
-                self._prefill(s, out)
+            joining += slid
         if self.admit == "continuous" or not self.running:
-            while self.waiting and self.running < self.max_batch:
+            while self.waiting and self.running + len(joining) < self.max_batch:
                 seq = self.waiting.popleft()
                 if not seq.done:
-                    self._prefill(seq, out)
-        for batch in list(self.batches.values()):
-            self._leave(batch)
+                    joining.append(seq)
+        groups: dict[tuple, list[Seq]] = {}  # prefilled together: the same experts, so the same cache rows
+        for s in joining:
+            groups.setdefault((s.kind, tuple(s.weights.nonzero().flatten().tolist())), []).append(s)
+        for group in groups.values():
+            self._prefill(group, out)
         return out
 
     # --- a step's parts
@@ -156,36 +159,41 @@ class Decoder:
         logits = self.moe.run(tokens, mask if padded else None, self._plan(batch.seqs), last=True,
                               cache=batch.cache, positions=positions)[:, -1]
         batch.mask = mask
-        for seq, row in zip(batch.seqs, logits):
-            out.append((seq, self._sample(seq, row)))
+        self._sample(batch.seqs, logits, out)
+        self._leave(batch)
 
-    def _prefill(self, seq: Seq, out: list) -> None:
-        """Run a request's prompt (its last n_positions tokens) alone; sample; join its kind's batch."""
-        ids = torch.tensor([seq.ids[-self.context:]], device=self.device)
+    def _prefill(self, seqs: list[Seq], out: list) -> None:
+        """Run the prompts (each one's last n_positions tokens) of requests that select the same experts as one
+        left-padded batch; sample; join their kind's batch."""
+        ids, mask, positions = (t.to(self.device) for t in pad_rows([s.ids[-self.context:] for s in seqs], left=True))
         cache: dict = {}
-        logits = self.moe.run(ids, torch.ones_like(ids), self._plan([seq]), last=True, cache=cache)[0, -1]
-        out.append((seq, self._sample(seq, logits)))
-        if not seq.done:
-            self._join(self.batches.setdefault(seq.kind, _Batch()), seq, cache, ids.shape[1])
+        logits = self.moe.run(ids, mask, self._plan(seqs), last=True, cache=cache, positions=positions)[:, -1]
+        self._sample(seqs, logits, out)
+        batch = self.batches.setdefault(seqs[0].kind, _Batch())
+        self._join(batch, seqs, cache, mask)
+        self._leave(batch)
 
-    def _sample(self, seq: Seq, logits: torch.Tensor) -> int:
-        r = seq.req
-        token = int(sample_next(logits[None].float(), r.temperature, r.top_p, seq.gen)[0])
-        seq.ids.append(token)
-        seq.made += 1
-        seq.done = seq.done or token == r.eos_id or seq.made >= r.max_new_tokens
-        return token
+    def _sample(self, seqs: list[Seq], logits: torch.Tensor, out: list) -> None:
+        """Each request's next token from its row of (n, V) logits: greedy ones at once, the others from their
+        own generators."""
+        greedy = logits.argmax(-1).tolist()
+        for seq, row, best in zip(seqs, logits, greedy):
+            r = seq.req
+            token = best if r.temperature == 0 else int(sample_next(row[None].float(), r.temperature, r.top_p, seq.gen)[0])
+            seq.ids.append(token)
+            seq.made += 1
+            seq.done = seq.done or token == r.eos_id or seq.made >= r.max_new_tokens
+            out.append((seq, token))
 
-    def _join(self, batch: _Batch, seq: Seq, cache: dict, length: int) -> None:
-        """Merge one request's caches (`length` tokens) into the batch's, left-padding both to one length."""
-        have = batch.mask.shape[1] if batch.seqs else 0
+    def _join(self, batch: _Batch, seqs: list[Seq], cache: dict, mask: torch.Tensor) -> None:
+        """Merge prefilled requests' caches (every key holds all their rows; `mask` (n, w)) into the batch's,
+        left-padding both to one length."""
+        have, length = (batch.mask.shape[1] if batch.seqs else 0), mask.shape[1]
         width = max(have, length)
         if batch.seqs and width > have:
             for c in batch.cache.values():
                 _pad_left(c, width - have)
             batch.mask = F.pad(batch.mask, (width - have, 0))
-        row = torch.zeros(1, width, dtype=torch.long, device=self.device)
-        row[:, width - length:] = 1
         for key, c in cache.items():
             _pad_left(c, width - length)
             if key in batch.cache:
@@ -193,9 +201,10 @@ class Decoder:
                     mine.keys, mine.values = torch.cat([mine.keys, new.keys]), torch.cat([mine.values, new.values])
             else:
                 batch.cache[key] = c
-            batch.rows.setdefault(key, []).append(seq)
-        batch.mask = torch.cat([batch.mask, row]) if batch.seqs else row
-        batch.seqs.append(seq)
+            batch.rows.setdefault(key, []).extend(seqs)
+        mask = F.pad(mask, (width - length, 0))
+        batch.mask = torch.cat([batch.mask, mask]) if batch.seqs else mask
+        batch.seqs.extend(seqs)
 
     def _leave(self, batch: _Batch) -> None:
         """Drop the rows of requests that are done; cut the columns only they needed."""
@@ -229,6 +238,18 @@ class Decoder:
             for c in batch.cache.values():
                 for layer in c.layers:
                     layer.keys, layer.values = layer.keys[:, :, start:], layer.values[:, :, start:]
+
+
+def pad_rows(rows: list[list[int]], pad_id: int = 0, left: bool = False) -> tuple[torch.Tensor, ...]:
+    """(ids, mask, positions) of rows padded to one length (left for generation, so every row's last token is
+    at the end); positions count real tokens only, whatever the padding."""
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        span = slice(width - len(r), width) if left else slice(0, len(r))
+        ids[i, span], mask[i, span] = torch.tensor(r, dtype=torch.long), 1
+    return ids, mask, (mask.cumsum(1) - 1).clamp(min=0)
 
 
 def _pad_left(cache, n: int) -> None:

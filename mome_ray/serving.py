@@ -257,15 +257,3 @@ def file_version(path: Path) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()[:12]
-
-
-def pad_rows(rows: list[list[int]], pad_id: int = 0, left: bool = False) -> tuple[torch.Tensor, ...]:
-    """(ids, mask, positions) of rows padded to one length (left for generation, so every row's last token is
-    at the end); positions count real tokens only, whatever the padding."""
-    width = max(len(r) for r in rows)
-    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, r in enumerate(rows):
-        span = slice(width - len(r), width) if left else slice(0, len(r))
-        ids[i, span], mask[i, span] = torch.tensor(r, dtype=torch.long), 1
-    return ids, mask, (mask.cumsum(1) - 1).clamp(min=0)

@@ -40,9 +40,9 @@ from mome_ray.errors import MomeError
 from mome_ray.jeet import COMMON
 from mome_ray.moe import UNKNOWN, Routing, decide, fallback
 from mome_ray.router.store import INFO as ROUTER_INFO
-from mome_ray.decoding import Decoder, GenRequest, Streams
+from mome_ray.decoding import Decoder, GenRequest, Streams, pad_rows
 from mome_ray.serving import (TEACHER, TOKEN_ENV, VARIANTS, ServeConfig, ServeSpec, check_artifact, load_moe,
-                               load_spec, model_config, pad_rows, read_token)
+                               load_spec, model_config, read_token)
 from mome_ray.storage import RunStore
 from mome_ray.training import process_device
 from serve.api import (CompletionRequest, ExpertInfo, ExpertsResponse, GenerateRequest, GenerateResponse, ModelCard,
