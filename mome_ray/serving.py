@@ -86,6 +86,10 @@ class ServeConfig:
     # How generations share a decode batch (decoding.py): "continuous" (a request joins the running batch at the
     # next step, leaves when done) or "static" (a batch starts together; a new request waits for its longest).
     batching: str = "continuous"
+    # Many experts (PLE): N > 0 serves them from one multiplexed deployment, `experts`, at most N loaded per replica
+    # (least recently used evicted; a request loads its expert on a replica that lacks it). 0: `moe` holds all.
+    multiplex: int = 0
+    hot: list[str] = field(default_factory=list)  # with multiplex: experts with a deployment of their own
     limits: ServeLimits = field(default_factory=ServeLimits)
     router: DeploymentArgs = field(default_factory=lambda: DeploymentArgs(num_cpus=0.25, max_batch_size=32))
     moe: DeploymentArgs = field(default_factory=lambda: DeploymentArgs(num_cpus=0.5))  # the MoE: every expert
@@ -96,6 +100,8 @@ class ServeConfig:
 
         if self.batching not in ADMITS:
             raise MomeError(f"serve.batching '{self.batching}' is not one of {list(ADMITS)}")
+        if self.multiplex < 0:
+            raise MomeError(f"serve.multiplex is how many experts a pool replica holds (0: no pool), got {self.multiplex}")
 
     def token(self) -> str:
         return read_token(self.token_env, self.token_file)

@@ -111,7 +111,7 @@ class ExpertInfo(BaseModel):
     name: str
     kind: Literal["language", "common", "teacher"]
     version: str  # sha256 prefix of its model.safetensors
-    params: int
+    params: int | None  # None: an expert of the multiplexed pool (serve.multiplex), loaded where it runs
     n_positions: int
 
 

@@ -2,14 +2,17 @@
 
     mome serve runs/small                                   # local, 127.0.0.1:8000
     serve run serve.app:build_app run_dir=runs/small        # the same with Serve's CLI
-    serve deploy serve/config.yaml                          # on a running cluster
+    mome serve runs/small --deploy-config my.yaml           # the config `serve deploy my.yaml` runs on a cluster
 
-Deployments (names as in serve/config.yaml): `router` (the ingress: tokenizer + router, the HTTP API), `moe`
-(the MoE variant `serve.model` names: PLE, JEET or MoE-CE, every expert loaded once per replica) and
-`teacher` (the baseline). The ingress routes each text (`moe.decide`, batched across requests) and hands
-the decision to `moe`, which runs the same `moe.MoE` as the evaluation grid: the unknown rule, forcing,
-top-k mixing and generation are `moe.py`'s, so what is served is what was evaluated. The ingress awaits its
-handles; it never blocks on them. Scores are batched across concurrent requests (`@serve.batch`).
+Deployments (serve/models.py): `router` (the ingress: tokenizer + router, the HTTP API), `moe` (the MoE
+variant `serve.model` names: PLE, JEET or MoE-CE, every expert loaded once per replica) and `teacher` (the
+baseline). With `serve.multiplex: N` (PLE), the experts are served by `experts` instead, a multiplexed pool
+that loads any number of them, at most N per replica, plus `expert-<name>` for each expert in `serve.hot`.
+The ingress routes each text (`moe.decide`, batched across requests) and hands the decision to `moe`, which
+runs the same `moe.MoE` as the evaluation grid: the unknown rule, forcing, top-k mixing and generation are
+`moe.py`'s, so what is served is what was evaluated (the pool runs the expert routed top-1 would: `fallback`).
+The ingress awaits its handles; it never blocks on them. Scores are batched across concurrent requests
+(`@serve.batch`), generations continuously (decoding.py).
 
 A model loads in `reconfigure` from its deployment's `user_config` ({artifacts, versions, batch options}).
 A deploy config whose only change is a user_config (`mome serve RUN_DIR --deploy-config F` after a
@@ -38,129 +41,22 @@ from ray.serve.handle import DeploymentHandle
 
 from mome_ray.errors import MomeError
 from mome_ray.jeet import COMMON
-from mome_ray.moe import UNKNOWN, Routing, decide, fallback
+from mome_ray.moe import UNKNOWN, decide, fallback
 from mome_ray.router.store import INFO as ROUTER_INFO
-from mome_ray.decoding import Decoder, GenRequest, Streams, pad_rows
-from mome_ray.serving import (TEACHER, TOKEN_ENV, VARIANTS, ServeConfig, ServeSpec, check_artifact, load_moe,
-                               load_spec, model_config, read_token)
+from mome_ray.decoding import GenRequest
+from mome_ray.serving import (TEACHER, TOKEN_ENV, VARIANTS, ServeConfig, ServeSpec, check_artifact, load_spec,
+                               model_config, read_token)
 from mome_ray.storage import RunStore
-from mome_ray.training import process_device
 from serve.api import (CompletionRequest, ExpertInfo, ExpertsResponse, GenerateRequest, GenerateResponse, ModelCard,
                        ModelList, Route, RouteRequest, RouteResponse, ScoreRequest, ScoreResponse, Select)
 from serve.http import http_app
+from serve.models import ExpertPool, MoEServer, replica_setup
 from serve.streams import Generation, choice, choice_stream, merged, sse, usage
 
 ROUTED = "mome"  # the OpenAI model id of the routed MoE; an expert's name forces that expert
 MOE = "moe"  # the MoE's deployment (and handle) name
-
-def replica_setup(threads: int) -> None:
-    """torch threads = the replica's CPUs; no progress bars or INFO lines from transformers."""
-    import transformers
-
-    torch.set_num_threads(threads)
-    transformers.utils.logging.disable_progress_bar()
-    transformers.utils.logging.set_verbosity_error()
-
-
-def set_batching(queues, config: dict) -> None:
-    for queue in queues:
-        queue.set_max_batch_size(config["max_batch_size"])
-        queue.set_batch_wait_timeout_s(config["batch_wait_timeout_s"])
-
-
-@serve.deployment
-class MoEServer:
-    """A served MoE (PLE, JEET or MoE-CE; the teacher: a one-model PLE): `moe.MoE`, loaded once per replica.
-
-    A request says how it selects experts (`select`): {"routing": {"index", "probs"}} as the ingress's router
-    decided, optionally with {"mode": "topk", "k": k}, or {"force": expert}; `MoE` applies it exactly as in the
-    evaluation grid (the unknown rule, top-k weights, mixing). Scores are batched across requests that select
-    alike (`@serve.batch`); generations are batched continuously (`serve.batching`: a request joins the running
-    decode batch at the next step; its seed gives the same text alone or among others).
-    """
-
-    def __init__(self, threads: int):
-        replica_setup(threads)
-        self.moe, self.streams, self.loaded, self.parts = None, None, None, []
-        self._score = serve.batch(max_batch_size=1)(self._score_rows)  # sizes from the user_config
-
-    def reconfigure(self, config: dict) -> None:
-        """Load the variant's parts (artifacts of the run's storage, fetched to this node) unless these
-        versions are loaded; then swap. The only place the MoE loads (Serve calls it after `__init__`)."""
-        set_batching((self._score,), config)
-        loaded = json.dumps([config["variant"], config["parts"], config["versions"]], sort_keys=True)
-        if loaded != self.loaded:
-            dirs = {n: RunStore(p["run"]).fetch(p["stage"]) for n, p in config["parts"].items()}
-            moe = load_moe(dirs, config["variant"], process_device())
-            self.parts = [{"name": n, "kind": n if n in (COMMON, TEACHER) else "language",
-                           "version": config["versions"].get(n) or next(iter(config["versions"].values())),
-                           "params": moe.active_params(force=n), "n_positions": moe.experts.n_positions}
-                          for n in moe.members]
-            self.moe, self.loaded, self.variant, self.streams = moe, loaded, config["variant"], None
-        if self.streams is None or (self.streams.decoder.max_batch, self.streams.decoder.admit) != \
-                (config["max_batch_size"], config["batching"]):  # a new decoder; generations running keep theirs
-            self.streams = Streams(Decoder(self.moe, config["max_batch_size"], config["batching"]),
-                                   config["batch_wait_timeout_s"] if config["batching"] == "static" else 0.0)
-
-    async def check_health(self) -> None:
-        """Serve's periodic health check: a replica whose MoE cannot run a 2-token forward is replaced."""
-        if self.moe is None:
-            raise RuntimeError("moe: no model loaded (its reconfigure never succeeded)")
-        ids = torch.zeros(1, 2, dtype=torch.long, device=self._device())
-        await asyncio.to_thread(self.moe.score, ids, force=self.moe.members[0])
-
-    def info(self) -> dict:
-        return {"variant": self.variant, "experts": self.parts}
-
-    async def score(self, ids: list[int], select: dict) -> dict:
-        """{"logprobs": per next token, "selected": {member: weight}, "experts": the members that ran}."""
-        return await self._score((ids, select))
-
-    async def complete(self, req: GenRequest, select: dict) -> dict:
-        """The whole generation in one answer (no streamed item per token): {"selected", "tokens"}."""
-        stream = self.generate(req, select)
-        head = await anext(stream)
-        return {**head, "tokens": [t async for t in stream]}
-
-    async def generate(self, req: GenRequest, select: dict) -> AsyncIterator:
-        """Streams {"selected": {member: weight}} first, then the new token ids: the request joins this
-        replica's running decode batch (`decoding.Decoder`) at its next step and leaves when done."""
-        stream = self.streams.generate(req, **self._kwargs([select]))  # a generation keeps the model it started on
-        yield {"selected": await anext(stream)}
-        async for token in stream:
-            yield token
-
-    async def _score_rows(self, items: list[tuple[list[int], dict]]) -> list[dict]:
-        return await asyncio.to_thread(self._score_sync, items)
-
-    def _score_sync(self, items: list[tuple[list[int], dict]]) -> list[dict]:
-        moe, out = self.moe, [None] * len(items)
-        groups: dict[str, list[int]] = {}  # requests that select alike run as one padded batch
-        for i, (_, select) in enumerate(items):
-            groups.setdefault(json.dumps({k: v for k, v in select.items() if k != "routing"}, sort_keys=True),
-                              []).append(i)
-        for rows in groups.values():
-            ids, mask, _ = pad_rows([items[i][0] for i in rows])  # right padding: causal, so no row sees it
-            device = self._device()
-            with torch.inference_mode():
-                scores = moe.score(ids.to(device), mask.to(device), **self._kwargs([items[i][1] for i in rows]))
-            for j, i in enumerate(rows):
-                out[i] = {"logprobs": scores.logprobs[j, : len(items[i][0]) - 1].tolist(),
-                          "selected": scores.selected[j], "experts": list(scores.experts[j])}
-        return out
-
-    def _kwargs(self, selects: list[dict]) -> dict:
-        """`MoE` keyword arguments for rows that select alike: their routings stacked into one `Routing`."""
-        kwargs = {k: v for k, v in selects[0].items() if k != "routing"}
-        if "routing" in selects[0]:
-            device = self._device()
-            kwargs["routing"] = Routing(torch.tensor([s["routing"]["index"] for s in selects], device=device),
-                                        torch.tensor([s["routing"]["probs"] for s in selects], device=device))
-        return kwargs
-
-    def _device(self) -> torch.device:
-        return next(self.moe.parameters()).device
-
+POOL = "experts"  # the multiplexed expert pool's (serve.multiplex)
+HOT = "expert-"  # + an expert's name: a hot expert's own deployment (serve.hot)
 
 @serve.deployment
 @serve.ingress()
@@ -180,6 +76,8 @@ class Gateway:
         # takes `.classes` below for a use of the module `torch.classes`, which does not pickle.
         replica_setup(1)
         self.handles, self.langs, self.members = experts, spec["langs"], spec["members"]
+        self.model_ids, self.hot = spec["model_ids"], spec["hot"]  # the pool's experts' model ids; hot experts
+        self.pooled = {n: experts[POOL].options(multiplexed_model_id=m) for n, m in self.model_ids.items()}  # handles
         self.has_common = COMMON in self.members
         self.n_positions, self.limits = spec["n_positions"], from_dict(ServeLimits, spec["limits"])
         store = RunStore(spec["run"])
@@ -257,7 +155,7 @@ class Gateway:
         ids = self._encode(body.prompt)
         target, select, route = await self._select(body, body.prompt)
         self._check_fits(target, len(ids), 0)
-        out = await self.handles[target].score.remote(ids, select)
+        out = await self._handle(target, select).score.remote(ids, select)
         logp = out["logprobs"]
         return ScoreResponse(experts=list(out["selected"]), weights=list(out["selected"].values()), route=route,
                              tokens=[self.tok.decode([i]) for i in ids[1:]], logprobs=logp,
@@ -309,13 +207,25 @@ class Gateway:
         if body.expert is not None:
             if body.expert not in self.servable:
                 raise HTTPException(422, f"expert: no expert '{body.expert}'; this app serves {self.servable}")
-            return (TEACHER if body.expert == TEACHER else MOE), {"force": body.expert}, None
+            return self._target(body.expert), {"force": body.expert}, None
         self._need_router()
         if body.top_k is not None and body.top_k > len(self.langs):
             raise HTTPException(422, f"top_k: at most {len(self.langs)} (the language experts), got {body.top_k}")
+        if body.top_k is not None and MOE not in self.handles:
+            raise HTTPException(422, "top_k: this app serves its experts one per request (serve.multiplex); mixing "
+                                     "needs them in one replica (serve.multiplex=0): route top-1 or force an expert")
         route, routing = await self._route_batch(text)
+        if MOE not in self.handles:  # the expert routed top-1 runs (`fallback` placed an unknown text)
+            return self._target(route.expert), {"force": route.expert}, route
         mode = {"mode": "topk", "k": body.top_k} if body.top_k is not None else {}
         return MOE, {"routing": routing, **mode}, route
+
+    def _target(self, name: str) -> str:
+        """The deployment that serves a member: the teacher's, a hot expert's, the pool or the MoE."""
+        return TEACHER if name == TEACHER else HOT + name if name in self.hot else POOL if name in self.pooled else MOE
+
+    def _handle(self, target: str, select: dict) -> DeploymentHandle:
+        return self.pooled[select["force"]] if target == POOL else self.handles[target]
 
     def _need_router(self) -> None:
         if self.router is None:
@@ -347,6 +257,7 @@ class Gateway:
         return ids
 
     def _check_fits(self, target: str, prompt: int, new: int) -> None:
+        target = TEACHER if target == TEACHER else "MoE"  # the MoE's context: its shortest expert's
         context = self.n_positions[target]
         if prompt + new > context:
             what = f"a prompt of {prompt - 1} tokens" + (f" + max_new_tokens {new}" if new else "")
@@ -372,7 +283,7 @@ class Gateway:
         otherwise one call answers the whole of it (a streamed item per token costs ~1 ms each way)."""
         ids, target, select, route = plan
         req = GenRequest(ids, max_new, temperature, top_p, seed, self.eos)
-        handle = self.handles[target]
+        handle = self._handle(target, select)
         if stream:
             tokens = handle.options(stream=True).generate.remote(req, select)
             selected = (await tokens.__anext__())["selected"]
@@ -443,7 +354,23 @@ def resolve(args: AppArgs) -> tuple[ServeConfig, ServeSpec, dict[str, dict]]:
                 "versions": {n: located[n]["version"] for n in names}, "max_batch_size": opts.max_batch_size,
                 "batch_wait_timeout_s": opts.batch_wait_timeout_s, "batching": cfg.batching}
 
-    configs = {MOE: user_config(spec.variant, [n for n in located if n != TEACHER], cfg.moe)}
+    members = [n for n in located if n != TEACHER]
+    if not cfg.multiplex:
+        if cfg.hot:
+            raise MomeError(f"serve.hot {cfg.hot}: hot experts get deployments of their own beside the multiplexed "
+                            f"pool; set serve.multiplex (experts per pool replica) or leave serve.hot empty")
+        configs = {MOE: user_config(spec.variant, members, cfg.moe)}
+    else:
+        if spec.variant != "ple":
+            raise MomeError(f"serve.multiplex serves PLE experts (whole models, one per request); "
+                            f"{VARIANTS[spec.variant]} shares its parts in one model: set serve.model=ple, or "
+                            f"serve.multiplex=0 to serve {VARIANTS[spec.variant]} in one deployment")
+        if set(cfg.hot) - set(members):
+            raise MomeError(f"serve.hot: no expert {sorted(set(cfg.hot) - set(members))}; experts: {members}")
+        pooled = [n for n in members if n not in cfg.hot]
+        configs = {HOT + n: user_config("ple", [n], cfg.moe) for n in cfg.hot}
+        if pooled:
+            configs[POOL] = {**user_config("ple", pooled, cfg.moe), "n_positions": spec.n_positions}
     if spec.teacher:
         configs[TEACHER] = user_config("ple", [TEACHER], cfg.baseline)  # the teacher: a one-model PLE
     return cfg, spec, configs
@@ -476,16 +403,19 @@ def build_app(args: AppArgs | dict) -> serve.Application:
 
 def app_of(args: AppArgs, cfg: ServeConfig, spec: ServeSpec, configs: dict[str, dict]) -> serve.Application:
     """The app of what `resolve` found (`mome serve` resolves once, says what it serves, then builds)."""
-    handles = {MOE: MoEServer.options(**cfg.moe.options(MOE, cfg.access_log), user_config=configs[MOE]).bind(
-        max(1, round(cfg.moe.num_cpus)))}
-    if spec.teacher:
-        handles[TEACHER] = MoEServer.options(**cfg.baseline.options(TEACHER, cfg.access_log),
-                                             user_config=configs[TEACHER]).bind(max(1, round(cfg.baseline.num_cpus)))
+    handles = {}
+    for name, config in configs.items():
+        opts = cfg.baseline if name == TEACHER else cfg.moe
+        threads = max(1, round(opts.num_cpus))
+        deployment = (ExpertPool.options(**opts.options(name, cfg.access_log), user_config=config).bind(
+            threads, cfg.multiplex) if name == POOL else
+            MoEServer.options(**opts.options(name, cfg.access_log), user_config=config).bind(threads))
+        handles[name] = deployment
     store = RunStore(spec.run)
     router_version = None
     if spec.router and (info := store.read_bytes(f"{spec.router}/{ROUTER_INFO}")):
         router_version = json.loads(info).get("sha256", "")[:12] or None  # the sha256 its loader checks it by
-    n_positions = {MOE: spec.n_positions}
+    n_positions = {"MoE": spec.n_positions}
     if spec.teacher:
         t = configs[TEACHER]["parts"][TEACHER]
         n_positions[TEACHER] = model_config(RunStore(t["run"]), t["stage"])["n_positions"]
@@ -493,5 +423,6 @@ def app_of(args: AppArgs, cfg: ServeConfig, spec: ServeSpec, configs: dict[str, 
                "router": spec.router, "router_version": router_version,
                "router_batch": cfg.router.max_batch_size, "variant": spec.variant, "token_env": cfg.token_env,
                "token_file": cfg.token_file, "require_token": args.require_token,
-               "limits": dataclasses.asdict(cfg.limits), "n_positions": n_positions}
+               "limits": dataclasses.asdict(cfg.limits), "n_positions": n_positions, "hot": list(cfg.hot),
+               "model_ids": {n: f"{n}@{v}" for n, v in configs.get(POOL, {"versions": {}})["versions"].items()}}
     return Gateway.options(**cfg.router.options("router", cfg.access_log)).bind(handles, gateway)

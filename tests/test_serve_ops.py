@@ -67,9 +67,10 @@ def test_an_ingress_that_must_have_a_token_refuses_to_start_without_one(served_r
 
 def test_the_moe_loads_once_in_reconfigure_and_checks_its_health(served_run, monkeypatch):
     import serve.app as app
+    import serve.models
 
     loads = []
-    monkeypatch.setattr(app, "load_moe", lambda dirs, variant, device: loads.append(Path(dirs["fr"]).name)
+    monkeypatch.setattr(serve.models, "load_moe", lambda dirs, variant, device: loads.append(Path(dirs["fr"]).name)
                         or load_moe(dirs, variant, device))
     _, _, configs = app.resolve(app.AppArgs(run_dir=str(served_run)))
     moe = configs["moe"]
