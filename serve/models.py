@@ -176,11 +176,13 @@ class ExpertPool:
         self.config = config
 
     def _load(self, model_id: str) -> ServedMoE:
-        name, _, version = model_id.rpartition("@")
-        if self.config["versions"].get(name) != version:
-            raise MomeError(f"no expert '{model_id}' in this pool; it serves "
-                            f"{[f'{n}@{v}' for n, v in self.config['versions'].items()]}")
-        return ServedMoE({**self.config, "parts": {name: self.config["parts"][name]}, "versions": {name: version}})
+        """The expert's current version (an ingress replica not yet rolled after a hot update still asks for
+        the old id: the name decides, the version keeps the two apart in the cache)."""
+        name = model_id.rpartition("@")[0]
+        if name not in self.config["parts"]:
+            raise MomeError(f"no expert '{name}' in this pool; it serves {list(self.config['parts'])}")
+        return ServedMoE({**self.config, "parts": {name: self.config["parts"][name]},
+                          "versions": {name: self.config["versions"][name]}})
 
     async def check_health(self) -> None:
         if self.config is None:

@@ -15,7 +15,7 @@ import requests
 import torch
 
 from mome_ray.errors import MomeError
-from mome_ray.serving import load_spec
+from mome_ray.serving import file_version, load_spec
 from tests.conftest import ROOT, SERVED_LANGS, _free_port, local_serve, wait_until_ready
 
 LANGS = SERVED_LANGS
@@ -165,9 +165,9 @@ def http_app(ray_head, served_run, tmp_path_factory):
     token_file.write_text(TOKEN + "\n")
     overrides = [f"serve.token_file={token_file}", "serve.limits.max_new_tokens=32", "serve.limits.max_body_bytes=20000"]
     # Serve's REST API (what `serve deploy` calls): PUT the whole declarative config.
-    deploy = lambda models=None: requests.put(
+    deploy = lambda models=None, more=(): requests.put(
         f"{ray_head['dashboard']}/api/serve/applications/", timeout=60,
-        json=deploy_config(str(served_run), None, overrides, "127.0.0.1", port, models)).raise_for_status()
+        json=deploy_config(str(served_run), None, overrides + list(more), "127.0.0.1", port, models)).raise_for_status()
     deploy()
     url = f"http://127.0.0.1:{port}"
     wait_until_ready(url, headers={"Authorization": f"Bearer {TOKEN}"})
@@ -337,6 +337,30 @@ def test_hot_update_swaps_one_expert_in_place_without_dropping_requests(http_app
     assert after["fr"] != before["fr"] and {k: v for k, v in after.items() if k != "fr"} == \
         {k: v for k, v in before.items() if k != "fr"}
     assert len(statuses) > 6 and set(statuses) == {200}, statuses
+
+
+def test_a_multiplexed_pool_holding_fewer_experts_than_it_serves_answers_as_the_moe(http_app, served_run):
+    """serve.multiplex=2 (en, fr, de in the pool: 3 experts, 2 loaded at a time) and serve.hot=[py]: every
+    answer, routed or forced, equals the one-deployment MoE's; mixing is refused with a 422 that says why."""
+    url, s, deploy = http_app
+    asks = [("/v1/score", {"prompt": PROMPTS[lang]}) for lang in LANGS] + \
+        [("/v1/score", {"prompt": PROMPTS["en"], "expert": lang}) for lang in LANGS] + \
+        [("/v1/generate", {"prompt": PROMPTS[lang], "max_new_tokens": 8, "temperature": 0.9, "seed": 3}) for lang in LANGS]
+    before = [s.post(url + path, json=body).json() for path, body in asks]
+    retrained = served_run / "retrained-fr"  # the fr that test_hot_update swapped in, if it ran: keep it
+    fr = {e["name"]: e["version"] for e in s.get(f"{url}/v1/experts").json()["experts"]}["fr"]
+    deploy({"fr": str(retrained)} if fr == file_version(retrained / "model.safetensors") else None,
+           ["serve.multiplex=2", "serve.hot=[py]"])
+    for _ in range(240):
+        names = [(d["name"], d["params"]) for d in s.get(f"{url}/v1/experts").json()["experts"]]
+        if ("en", None) in names:
+            break
+        time.sleep(0.5)
+    assert names == [("py", names[0][1]), ("en", None), ("fr", None), ("de", None), ("teacher", names[-1][1])]
+    for _ in range(2):  # the second round reloads what the cap evicted
+        assert [s.post(url + path, json=body).json() for path, body in asks] == before
+    r = s.post(f"{url}/v1/score", json={"prompt": PROMPTS["fr"], "top_k": 2})
+    assert r.status_code == 422 and "serve.multiplex" in r.json()["error"]["message"]
 
 
 def test_serve_config_yaml_is_a_valid_deploy_config_for_this_app(served_run):
