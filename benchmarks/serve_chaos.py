@@ -1,6 +1,9 @@
 """Fault and bad-input checks on the Serve app over loopback HTTP, bounded (about 3 minutes; --quick: 1).
 
-    python benchmarks/serve_chaos.py --run-dir runs/small [--config configs/small.yaml] [--port 8124] [--quick]
+    python benchmarks/serve_chaos.py --run-dir runs/small [--config configs/small.yaml] [--port 8124] [--quick] [--pool]
+
+Two replicas of the deployment that holds the experts: `moe` (every expert in each), or with --pool the
+multiplexed `experts` (serve.model=ple serve.multiplex=4: each replica loads the experts it is asked for).
 
 Deploys the app on a local Ray cluster of its own (as benchmarks/serve_load.py does), then:
   1. a mixed stream at concurrency 8, every 5th request a client mistake (bad JSON, not UTF-8, wrong types,
@@ -9,7 +12,7 @@ Deploys the app on a local Ray cluster of its own (as benchmarks/serve_load.py d
      request a 2xx;
   2. the RSS of every Serve replica process (psutil) after warm-up, halfway through the stream and at its
      end: memory must stay flat;
-  3. steady load (concurrency 8, score and generate, half of it French) while one `moe` replica actor
+  3. steady load (concurrency 8, score and generate, half of it French) while one replica actor of it
      is killed (`ray.kill`, found with `ray.util.state.list_actors`): failed requests, requests still
      failed after one client retry (0.5 s later; target 0), and the time to recovery (first failure ->
      first success of a probe that scores with expert fr, probing every 0.2 s).
@@ -33,7 +36,7 @@ from benchmarks.serve_load import APP, gen_body, on_app, parse_args, warm_up  # 
 
 JSON = "application/json"
 RETRY_AFTER_S = 0.5
-VICTIM = "moe"  # the deployment that holds every expert
+POOL = ["serve.model=ple", "serve.multiplex=4", "serve.moe.num_cpus=0.25"]  # --pool: the multiplexed experts
 
 
 def malformed(prompt: str) -> list[tuple[str, str, str, bytes, str]]:
@@ -178,8 +181,10 @@ def print_statuses(by_kind: dict) -> int:
     return broken
 
 
-async def kill_phase(session, url: str, prompts: list[str], seconds: float, kill_at: float, concurrency: int = 8):
-    """Steady load; kill one `VICTIM` replica at kill_at; a failed request is retried once after RETRY_AFTER_S."""
+async def kill_phase(session, url: str, prompts: list[str], seconds: float, kill_at: float, victim: str,
+                     concurrency: int = 8):
+    """Steady load; kill one replica of deployment `victim` at kill_at; a failed request is retried once after
+    RETRY_AFTER_S."""
     import ray
 
     fr = prompts[1::4]  # load_prompts interleaves en, fr, de, py
@@ -214,11 +219,11 @@ async def kill_phase(session, url: str, prompts: list[str], seconds: float, kill
 
     async def killer():
         await asyncio.sleep(kill_at)
-        actors = [a for a in await asyncio.to_thread(alive_actors) if a.class_name == f"ServeReplica:{APP}:{VICTIM}"]
-        victim = actors[0]
+        actors = [a for a in await asyncio.to_thread(alive_actors) if a.class_name == f"ServeReplica:{APP}:{victim}"]
+        actor = actors[0]
         events["kill"] = time.perf_counter() - t0
-        ray.kill(ray.get_actor(victim.name, namespace="serve"), no_restart=True)
-        print(f"[chaos] killed {victim.name} (pid {victim.pid}) at {events['kill']:.1f} s", flush=True)
+        ray.kill(ray.get_actor(actor.name, namespace="serve"), no_restart=True)
+        print(f"[chaos] killed {actor.name} (pid {actor.pid}) at {events['kill']:.1f} s", flush=True)
         body = json.dumps({"prompt": fr[0], "expert": "fr"}).encode()
         while time.perf_counter() - t0 < seconds + 60:  # probe until the expert answers again
             status = await send(session, url, ("", "POST", "/v1/score", body, JSON))
@@ -227,7 +232,7 @@ async def kill_phase(session, url: str, prompts: list[str], seconds: float, kill
                 break
             events.setdefault("first probe failure", time.perf_counter() - t0)
             await asyncio.sleep(0.2)
-        return victim.pid
+        return actor.pid
 
     killed_pid, *_ = await asyncio.gather(killer(), *[worker(w) for w in range(concurrency)])
     stats["p50 ms"], stats["max ms"] = [1000 * sorted(latencies)[int(q * (len(latencies) - 1))] for q in (0.5, 1)]
@@ -254,9 +259,9 @@ async def run(args, url: str, prompts: list[str]) -> int:
         broken = print_statuses(by_kind)
         print_memory(samples)
 
-        stats, failures, events, killed_pid = await kill_phase(session, url, prompts, kill_s, kill_s / 3)
-    new = replica_processes().get(VICTIM, [])
-    print(f"\n### Killing one {VICTIM} replica under load (concurrency 8, {kill_s} s, killed at {kill_s / 3:.0f} s)\n")
+        stats, failures, events, killed_pid = await kill_phase(session, url, prompts, kill_s, kill_s / 3, args.victim)
+    new = replica_processes().get(args.victim, [])
+    print(f"\n### Killing one {args.victim} replica under load (concurrency 8, {kill_s} s, killed at {kill_s / 3:.0f} s)\n")
     print("| measure | value |\n|---|---|")
     print(f"| requests (first tries) | {stats['requests']} |")
     print(f"| failed on the first try | {sum(v for k, v in failures.items() if not str(k).startswith('retry'))} "
@@ -271,14 +276,20 @@ async def run(args, url: str, prompts: list[str]) -> int:
     print(f"| kill -> expert fr answers a probe | {f'{ok - kill:.2f} s' if ok else 'never'} |")
     print(f"| time to recovery (first failure -> probe ok) | "
           f"{f'{ok - first_any:.2f} s' if ok and first_any is not None else 'n/a'} |")
-    print(f"| {VICTIM} replica pid before / after | {killed_pid} / {', '.join(map(str, new)) or 'none alive'} |")
+    print(f"| {args.victim} replica pid before / after | {killed_pid} / {', '.join(map(str, new)) or 'none alive'} |")
     return broken + stats["failed after one retry"]
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = parse_args(argv, __doc__, 8124, "a smoke run: a short stream and a short kill phase")
-    # two MoE replicas: one is killed, the other answers while Serve replaces it
-    bad = on_app(args, ["serve.teacher=false", "serve.moe.num_replicas=2"], run)
+    import argparse
+
+    extra = argparse.ArgumentParser(add_help=False)
+    extra.add_argument("--pool", action="store_true", help="the experts multiplexed (serve.multiplex=4, PLE)")
+    known, rest = extra.parse_known_args(argv)
+    args = parse_args(rest, __doc__, 8124, "a smoke run: a short stream and a short kill phase")
+    args.victim = "experts" if known.pool else "moe"
+    # two replicas of the experts' deployment: one is killed, the other answers while Serve replaces it
+    bad = on_app(args, ["serve.teacher=false", "serve.moe.num_replicas=2"] + (POOL if known.pool else []), run)
     print(f"\n[chaos] {'OK' if not bad else f'{bad} answers broke a rule'}")
     sys.exit(1 if bad else 0)
 
