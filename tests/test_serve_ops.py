@@ -54,6 +54,23 @@ def test_deploy_config_refuses_an_open_host_without_a_token_and_never_writes_it(
     assert from_file["applications"][0]["args"]["overrides"] == [f"serve.token_file={tmp_path / 'token'}"]
 
 
+def test_deploy_config_lists_the_pool_and_each_hot_expert_and_bad_pool_options_are_refused(served_run):
+    from serve.launch import deploy_config
+
+    (app,) = deploy_config(str(served_run), None, ["serve.multiplex=2", "serve.hot=[py]"], "127.0.0.1")["applications"]
+    deployments = {d["name"]: d["user_config"] for d in app["deployments"]}
+    assert list(deployments) == ["expert-py", "experts", "teacher"]  # no `moe`: the pool serves en, fr, de
+    assert list(deployments["experts"]["versions"]) == ["en", "fr", "de"] and deployments["experts"]["n_positions"] == 64
+    assert list(deployments["expert-py"]["parts"]) == ["py"]
+    for overrides, match in [(["serve.hot=[py]"], "set serve.multiplex"),
+                             (["serve.multiplex=2", "serve.hot=[es]"], r"serve.hot: no expert \['es'\]"),
+                             (["serve.multiplex=2", "serve.model=moe-ce"], "set serve.model=ple"),
+                             (["serve.multiplex=-1"], "serve.multiplex is how many experts"),
+                             (["serve.batching=dynamic"], "serve.batching 'dynamic' is not one of")]:
+        with pytest.raises(MomeError, match=match):
+            deploy_config(str(served_run), None, overrides, "127.0.0.1")
+
+
 def test_an_ingress_that_must_have_a_token_refuses_to_start_without_one(served_run, monkeypatch):
     from ray import serve
 
