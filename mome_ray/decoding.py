@@ -27,6 +27,8 @@ the common stack). Past `n_positions` a request slides its window: it is prefill
 from __future__ import annotations
 
 import asyncio
+import threading
+import time
 from collections import deque
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -260,21 +262,27 @@ def _pad_left(cache, n: int) -> None:
 
 
 class Streams:
-    """A `Decoder` driven from asyncio (a Serve replica): `generate` streams one request's tokens while a loop
-    steps the decoder in a worker thread, so requests come and go without blocking the event loop.
-    `wait_s`: before a batch starts from idle, wait this long for others to join (static batching's window)."""
+    """A `Decoder` driven for asyncio (a Serve replica): `generate` streams one request's tokens while a thread of
+    its own steps the decoder for as long as any request is waiting or running (no event-loop hop per step),
+    handing each step's tokens to the loop. `wait_s`: before a batch starts from idle, wait this long for
+    others to join (static batching's window)."""
 
     def __init__(self, decoder: Decoder, wait_s: float = 0.0):
         self.decoder, self.wait_s = decoder, wait_s
         self.queues: dict[int, asyncio.Queue] = {}
-        self.loop: asyncio.Task | None = None
+        self.lock = threading.Lock()  # guards starting and ending the decode thread
+        self.thread: threading.Thread | None = None
+        self.loop: asyncio.AbstractEventLoop | None = None
 
     async def generate(self, req: GenRequest, **select) -> AsyncIterator:
         """The request's `selected` members ({member: weight}) first, then each new token id as it is made."""
         seq = self.decoder.add(req, **select)  # a bad request raises here: nothing queued
         queue = self.queues[id(seq)] = asyncio.Queue()
-        if self.loop is None:
-            self.loop = asyncio.create_task(self._run())
+        self.loop = asyncio.get_running_loop()
+        with self.lock:
+            if self.thread is None:
+                self.thread = threading.Thread(target=self._run, name="decode", daemon=True)
+                self.thread.start()
         try:
             yield seq.selected
             while (token := await queue.get()) is not None:
@@ -285,20 +293,34 @@ class Streams:
             self.decoder.cancel(seq)
             self.queues.pop(id(seq), None)
 
-    async def _run(self) -> None:
+    def _run(self) -> None:
+        """The decode thread: step until nothing waits or runs."""
         try:
-            while self.decoder.busy:
+            while True:
+                with self.lock:
+                    if not self.decoder.busy:
+                        self.thread = None
+                        return
                 if self.wait_s and not self.decoder.running:
-                    await asyncio.sleep(self.wait_s)
-                out = await asyncio.to_thread(self.decoder.step)
-                for seq, token in out:
-                    if (queue := self.queues.get(id(seq))) is not None:
-                        queue.put_nowait(token)
-                        if seq.done:
-                            queue.put_nowait(None)
-        except Exception as e:  # a step failed: every open request fails with the error, none hangs
+                    time.sleep(self.wait_s)
+                out = [(seq, token, seq.done) for seq, token in self.decoder.step()]  # done as of this step
+                if self.loop.is_closed():  # nobody left to read (the loop's program ended)
+                    raise asyncio.CancelledError
+                self.loop.call_soon_threadsafe(self._deliver, out)
+        except (Exception, asyncio.CancelledError) as e:  # a step failed: every open request fails with it
             self.decoder.clear()
-            for queue in self.queues.values():
-                queue.put_nowait(e)
-        finally:
-            self.loop = None
+            with self.lock:
+                self.thread = None
+            if not self.loop.is_closed():
+                self.loop.call_soon_threadsafe(self._fail, e)
+
+    def _deliver(self, out: list) -> None:
+        for seq, token, done in out:
+            if (queue := self.queues.get(id(seq))) is not None:
+                queue.put_nowait(token)
+                if done:
+                    queue.put_nowait(None)
+
+    def _fail(self, error: Exception) -> None:
+        for queue in self.queues.values():
+            queue.put_nowait(error)
