@@ -86,20 +86,19 @@ def decide(labels: Sequence[str], probs, names: Sequence[str], unknown_below: fl
     """A text classifier's answer as a `Routing`: `labels` name the columns of the (N, C) `probs`.
 
     A sequence whose most probable class is not one of `names` (e.g. an `unknown` class), or whose top
-    probability is 0 or below `unknown_below` (the classifier's confidence threshold), is unknown (−1);
-    where it then goes is `fallback`'s rule. Every expert must be one of the classes. The grid
-    (`text_router`) and the Serve ingress both route through here."""
-    labels, probs = list(labels), torch.as_tensor(probs, dtype=torch.float32)
+    probability is 0 or below `unknown_below` (the classifier's confidence threshold), is unknown (−1), as
+    the router itself says (`router.model.top_labels`); where it then goes is `fallback`'s rule. Every expert
+    must be one of the classes. The grid (`text_router`) and the Serve ingress both route through here."""
+    from mome_ray.router.model import top_labels
+
+    labels, names = list(labels), list(names)
     missing = [n for n in names if n not in labels]
     if missing:
         raise MomeError(f"the router has no class for expert(s) {missing} (its classes: {labels}); "
                         f"retrain the router on every expert's language")
+    index = torch.tensor([names.index(c) if c in names else UNKNOWN for c in top_labels(labels, probs, unknown_below)])
     cols = torch.tensor([labels.index(n) for n in names])
-    top, arg = probs.max(1)
-    sure = (top > 0) & (top >= unknown_below)
-    index = torch.tensor([list(names).index(labels[a]) if labels[a] in names and ok else UNKNOWN
-                          for a, ok in zip(arg.tolist(), sure.tolist())])
-    return Routing(index, probs[:, cols])
+    return Routing(index, torch.as_tensor(probs, dtype=torch.float32)[:, cols])
 
 
 def fallback(routing: Routing, n_names: int, has_common: bool) -> torch.Tensor:

@@ -124,12 +124,17 @@ class Router:
         return self.decide(self.predict_proba(texts)[1])
 
     def decide(self, probs: np.ndarray) -> list[str]:
-        """The label of each row of `predict_proba`'s probabilities: its most probable class, or `unknown`
-        when that is 0 (not text) or below `unknown_below`."""
-        classes = self.classes
-        best = probs.argmax(axis=1)
-        top = probs[np.arange(len(probs)), best]
-        return [classes[b] if p > 0 and p >= self.unknown_below else UNKNOWN for b, p in zip(best, top)]
+        """The label of each row of `predict_proba`'s probabilities (`top_labels`)."""
+        return top_labels(self.classes, probs, self.unknown_below)
+
+
+def top_labels(classes: list[str], probs, unknown_below: float = 0.0) -> list[str]:
+    """Each row's most probable class, or `unknown` when its probability is 0 (not text) or below
+    `unknown_below` (the router's confidence threshold). The MoE routes by this rule too (`moe.decide`)."""
+    probs = np.asarray(probs)
+    best = probs.argmax(axis=1)
+    top = probs[np.arange(len(probs)), best]
+    return [classes[b] if p > 0 and p >= unknown_below else UNKNOWN for b, p in zip(best, top)]
 
 
 def fit_router(cfg: RouterConfig, texts: list[str], labels: list[str], tokenizer=None, seed: int = 0) -> Router:
