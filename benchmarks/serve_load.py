@@ -309,7 +309,7 @@ async def measure(args, url: str, prompts: list[str]) -> None:
         untuned = await run_cell("score, untuned", score, 16, n16, cap16)
         print(untuned.row(), flush=True)
         print("\n- " + ratio_line("req/s tuned / untuned at concurrency 16", tuned.rps, untuned.rps)
-              + " (target >= 2x)")
+              + " (target >= 3x)")
 
 
 def parse_args(argv: list[str] | None, doc: str, port: int, quick: str) -> argparse.Namespace:
