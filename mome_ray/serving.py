@@ -20,7 +20,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from mome_ray.errors import MomeError
 from mome_ray.jeet import COMMON

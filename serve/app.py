@@ -33,7 +33,6 @@ import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
 
-import torch
 from fastapi import HTTPException
 from pydantic import BaseModel, Field
 from ray import serve
@@ -57,6 +56,7 @@ ROUTED = "mome"  # the OpenAI model id of the routed MoE; an expert's name force
 MOE = "moe"  # the MoE's deployment (and handle) name
 POOL = "experts"  # the multiplexed expert pool's (serve.multiplex)
 HOT = "expert-"  # + an expert's name: a hot expert's own deployment (serve.hot)
+
 
 @serve.deployment
 @serve.ingress()
