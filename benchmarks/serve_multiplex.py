@@ -33,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import aiohttp  # noqa: E402
 
 from benchmarks.serve_chaos import rss_mb  # noqa: E402
-from benchmarks.serve_load import (HEADER, HTTPStatus, load_prompts, parse_args, run_cell, start_cluster,  # noqa: E402
+from benchmarks.serve_load import (HEADER, http_post, load_prompts, parse_args, run_cell, start_cluster,  # noqa: E402
                                    stop_cluster)
 
 CAP = 8  # serve.multiplex of the evicting layout
@@ -62,16 +62,11 @@ def build_run(source: Path, n: int, root: Path) -> Path:
     return run
 
 
-def generate_call(session, url: str, prompts: list[str], names: list[str]):
-    async def call(i: int) -> None:
-        body = {"prompt": prompts[i % len(prompts)], "expert": names[(i * 7) % len(names)], "max_new_tokens": 8,
-                "temperature": 0.0}
-        async with session.post(url + "/v1/generate", json=body) as r:
-            if r.status != 200:
-                raise HTTPStatus(r.status, await r.read())
-            await r.read()
-
-    return call
+def gen_bodies(prompts: list[str], names: list[str], n: int) -> list[dict]:
+    """n /v1/generate bodies: real prompts, the experts spread evenly (i * 7 % len covers them all when the
+    count is not a multiple of 7), 8 greedy tokens."""
+    return [{"prompt": prompts[i % len(prompts)], "expert": names[(i * 7) % len(names)], "max_new_tokens": 8,
+             "temperature": 0.0} for i in range(n)]
 
 
 async def timed(call, i: int) -> float:
@@ -81,8 +76,8 @@ async def timed(call, i: int) -> float:
 
 
 async def layout(session, url: str, prompts: list[str], names: list[str], label: str, n_req: int) -> dict:
-    call = generate_call(session, url, prompts, names)
-    for i in range(len(names)):  # one warm-up request per expert (i * 7 % n covers them all: n is not a multiple of 7)
+    call = http_post(session, url, "/v1/generate", gen_bodies(prompts, names, n_req))
+    for i in range(len(names)):  # one warm-up request per expert
         await call(i)
     cell = await run_cell(label, call, 8, n_req, 120.0)
     models = {k: v[0] for k, v in rss_mb().items() if k not in ("router", "ProxyActor", "ServeController")}
@@ -92,7 +87,7 @@ async def layout(session, url: str, prompts: list[str], names: list[str], label:
 
 async def cold_loads(session, url: str, prompts: list[str], names: list[str], trials: int) -> tuple[list, list]:
     """Per trial: use expert t, then CAP others (t is now evicted), then time t (cold) and t again (warm)."""
-    call = lambda name: generate_call(session, url, prompts, [name])  # noqa: E731
+    call = lambda name: http_post(session, url, "/v1/generate", gen_bodies(prompts, [name], 3))  # noqa: E731
     cold, warm = [], []
     for t in range(trials):
         target = names[t]

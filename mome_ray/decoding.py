@@ -6,7 +6,7 @@ when it is done, so a new request never waits for the longest one in a batch (st
                       routing=routing)                # MoE.forward's selection: routing= | force= | mode="topk", k=
     while decoder.busy:
         for seq, token in decoder.step(): ...         # one new token per running request; seq.done after its last
-    async for token in Streams(decoder).generate(req, **select): ...    # the same from asyncio (Serve)
+    async for item in Streams(decoder).generate(req, **select): ...     # from asyncio (Serve): seq.selected, then tokens
 
 A step:
 1. every running request feeds its last token through the experts its selection runs, all rows at once:
@@ -129,8 +129,7 @@ class Decoder:
         for batch in list(self.batches.values()):
             self._leave(batch)
             slid = [s for s, n in zip(batch.seqs, batch.mask.sum(1).tolist()) if n >= self.context]
-            for s in slid:  # no position left in the window: prefilled again on its last n_positions tokens
-                self._drop(batch, s)
+            self._drop(batch, slid)  # no position left in the window: prefilled again on its last n_positions tokens
             if batch.seqs:
                 self._decode(batch, out)
             joining += slid
@@ -209,19 +208,18 @@ class Decoder:
         batch.seqs.extend(seqs)
 
     def _leave(self, batch: _Batch) -> None:
-        """Drop the rows of requests that are done; cut the columns only they needed."""
-        if not any(s.done for s in batch.seqs):
-            return
-        for s in [s for s in batch.seqs if s.done]:
-            self._drop(batch, s)
+        """Drop the rows of requests that are done."""
+        self._drop(batch, [s for s in batch.seqs if s.done])
 
-    def _drop(self, batch: _Batch, seq: Seq) -> None:
-        keep = [i for i, s in enumerate(batch.seqs) if s is not seq]
+    def _drop(self, batch: _Batch, gone: list[Seq]) -> None:
+        """Take these requests' rows out of the batch (every cache once); cut the columns only they needed."""
+        if not gone:
+            return
         for key in list(batch.rows):
             rows = batch.rows[key]
-            if seq not in rows:
+            kept = [i for i, s in enumerate(rows) if s not in gone]
+            if len(kept) == len(rows):
                 continue
-            kept = [i for i, s in enumerate(rows) if s is not seq]
             if not kept:
                 del batch.rows[key], batch.cache[key]
                 continue
@@ -229,9 +227,10 @@ class Decoder:
             for layer in batch.cache[key].layers:
                 layer.keys, layer.values = layer.keys[index], layer.values[index]
             batch.rows[key] = [rows[i] for i in kept]
+        keep = [i for i, s in enumerate(batch.seqs) if s not in gone]
         batch.seqs = [batch.seqs[i] for i in keep]
         if not batch.seqs:
-            del self.batches[seq.kind]
+            del self.batches[gone[0].kind]
             return
         batch.mask = batch.mask[keep]
         start = int(batch.mask.any(0).long().argmax())  # the first column some row still needs

@@ -38,12 +38,11 @@ The evaluation grid, one call per row:
 Parameter counts for a row: `moe.active_params(<same options>)` (per sequence) and `moe.total_params()`.
 
 An expert bank is any module with `names`, `has_common`, `combines_common`, `shares_head`, `n_positions`,
-`vocab_size`, `logits(name, ids, mask, with_common, last=False, cache=None, positions=None)` (`last`: the last position's
-only; `cache`: a dict kept between decoding steps, where the experts that run keep their keys and values;
-`positions`: (b, T) position ids, for left-padded rows)
-and `active_params(names, with_common)` (and, where `shares_head`, `hidden(name, ids, mask, with_common,
-cache=None, positions=None)` and `head(h)`): `PLEExperts` here (whole HF models) and `JEETModel` in jeet.py (stacks over
-shared parts).
+`vocab_size`, `logits(name, ids, mask, with_common, last=False, cache=None, positions=None)` (`last`: the
+last position's only; `cache`: a dict kept between decoding steps, where the experts that run keep their
+keys and values; `positions`: (b, T) position ids, for left-padded rows) and `active_params(names,
+with_common)` (and, where `shares_head`, `hidden(name, ids, mask, with_common, cache=None, positions=None)`
+and `head(h)`): `PLEExperts` here (whole HF models) and `JEETModel` in jeet.py (stacks over shared parts).
 """
 
 from __future__ import annotations
