@@ -163,7 +163,7 @@ def on_cluster_map(fn, arg_lists: list[tuple], cpus: float = 1, gpus: float = 0,
         return [fn(*args, log=log) for args in arg_lists]
     init_ray()
     task = ray.remote(_threaded).options(num_cpus=cpus, num_gpus=gpus, name=name or fn.__name__, max_retries=0)
-    refs = [task.remote(fn, max(1, int(cpus)), *args, log=print) for args in arg_lists]
+    refs = [task.remote(fn, max(1, int(cpus)), *args) for args in arg_lists]
     try:
         return ray.get(refs)
     except KeyboardInterrupt:
@@ -172,13 +172,15 @@ def on_cluster_map(fn, arg_lists: list[tuple], cpus: float = 1, gpus: float = 0,
         raise
 
 
-def _threaded(fn, threads: int, *args, log=print):
+def _threaded(fn, threads: int, *args):
     """A task's body: torch uses as many threads as the task holds CPUs (a pooled worker process may have
-    started with one), then `fn(*args, log=log)`."""
+    started with one), then `fn(*args, log=print)` with the worker's own `print`. The driver never ships its
+    `print`: Ray's log thread swaps `builtins.print` for tqdm_ray's on the first worker line it shows, and a
+    built-in `print` read just before that swap can no longer be pickled."""
     import torch
 
     torch.set_num_threads(threads)
-    return fn(*args, log=log)
+    return fn(*args, log=print)
 
 
 def sigint_kept():

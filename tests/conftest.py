@@ -34,7 +34,7 @@ RAY_ENV = {
     "TOKENIZERS_PARALLELISM": "false",
     "RAY_TRAIN_ENABLE_V2_MIGRATION_WARNINGS": "0",
     "RAY_TRAIN_ENABLE_PRINT_PATCH": "0",  # else Train tees every print through its logger: lines twice
-    "RAY_TQDM_PATCH_PRINT": "0",  # else Ray swaps the driver's print while a task is sent (a race seen in tests)
+    "RAY_TQDM_PATCH_PRINT": "0",  # keeps the test drivers' print plain (a job's driver still gets the swap)
 }
 # Ray reads some of these once, when first imported (e.g. whether 127.0.0.1 stays loopback), and a test
 # module may import Ray before any fixture runs: set them now.

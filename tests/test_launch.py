@@ -98,3 +98,23 @@ def test_a_handler_installed_by_train_or_tune_does_not_outlive_the_run():
     with sigint_kept():
         signal.signal(signal.SIGINT, lambda *a: None)  # what Train's fit() / Tune's fit() leave behind
     assert signal.getsignal(signal.SIGINT) is before
+
+
+def test_a_task_is_sent_whatever_print_the_driver_has(ray_head, monkeypatch):
+    """Ray's log thread swaps the driver's `builtins.print` (tqdm_ray) while tasks are being sent; a task's
+    arguments must not carry the driver's `print`, or the swap makes them unpicklable (a job failed so)."""
+    import builtins
+
+    from mome_ray.cluster import on_cluster
+    from mome_ray.corpus.build import SPLITS, print_balance
+
+    class Unpicklable:
+        def __call__(self, *args, **kwargs):
+            pass
+
+        def __reduce__(self):
+            raise TypeError("the driver's print was sent with the task")
+
+    manifest = {"langs": ["en"], "splits": {s: {"en": {"tokens": 1}, "max_over_min": 1.0} for s in SPLITS}}
+    monkeypatch.setattr(builtins, "print", Unpicklable())
+    assert on_cluster(print_balance, manifest, name="balance") is None
