@@ -11,7 +11,7 @@ from mome_ray.errors import MomeError
 from mome_ray.router import UNKNOWN, RouterConfig, load_router, save_router
 from mome_ray.router.classifiers import CLASSIFIERS, build_classifier
 from mome_ray.router.features import FEATURES, build_features
-from mome_ray.router.model import fit_router
+from mome_ray.router.model import fit_router, linear_weights
 from mome_ray.router.token_ids import PretokenCache
 from mome_ray.router.token_ngrams import TokenNgramTfidf, ids_as_text
 from mome_ray.tokenizer import TokenizerConfig, train_tokenizer
@@ -133,14 +133,23 @@ def test_each_feature_pipeline_routes_held_out_text(kind, tok, train):
     assert (router.tokenizer is not None) == (kind == "token_tfidf")
 
 
+LINEAR = {"logreg", "sgd", "linear_svc", "ridge", "complement_nb", "multinomial_nb"}  # rows times a weight matrix
+
+
 @pytest.mark.parametrize("name", sorted(CLASSIFIERS))
 def test_every_classifier_fits_and_gives_probabilities(name, tok, train):
     params = {"n_neighbors": 3} if name == "knn" else {}
     router = fit_router(RouterConfig(classifier=name, classifier_params=params, unknown_below=0.0), *train, tok)
-    classes, probs = router.predict_proba(["Der Fluss fließt durch die Stadt", "def f(x):\n    return x\n"])
+    texts = ["Der Fluss fließt durch die Stadt", "def f(x):\n    return x\n"]
+    classes, probs = router.predict_proba(texts)
     assert sorted(classes) == sorted(POOLS) and probs.shape == (2, 4)
     assert np.allclose(probs.sum(axis=1), 1.0)
     assert router.predict(["def f(x):\n    return x\n"]) == ["py"]
+    weights = list(linear_weights(router.pipeline))  # laid out for sparse rows (weights_for_sparse) ...
+    assert all(w.T.flags.c_contiguous for _, _, w in weights) and (len(weights) > 0) == (name in LINEAR), name
+    for model, attr, w in weights:  # ... which changes no probability
+        setattr(model, attr, np.ascontiguousarray(w))
+    assert np.allclose(router.predict_proba(texts)[1], probs, rtol=0, atol=1e-12)
 
 
 def test_unknown_for_empty_whitespace_binary_and_low_confidence(tok, train):
