@@ -7,7 +7,8 @@
 Load: routed /v1/generate at concurrency 16 (and 4), real 40-token prompts (serve_load.py's), temperature 0,
 `max_new_tokens` cycling through LENGTHS (mixed lengths are what static batching pays for). Per cell:
 p50/p99 latency (send -> whole body), requests/s and generated tokens/s (the answers' completion_tokens
-over the cell's wall time). Both modes use the preset's `serve.moe.max_batch_size` (the decode batch's cap).
+over the cell's wall time). Both modes use the preset's `serve.moe.max_batch_size` (the decode batch's cap);
+static batching waits 5 ms for a batch to fill (STATIC_WINDOW).
 Prints a markdown table and the ratios static / continuous; exits 1 if a request failed.
 """
 
@@ -26,6 +27,9 @@ from benchmarks.serve_load import HEADER, Cell, HTTPStatus, deploy, on_app, pars
 
 LENGTHS = (4, 64, 8, 32, 16, 48)  # max_new_tokens, cycled: prompt (<= 41) + 64 fits small's 128 positions
 CONCURRENCY = (4, 16)
+# Static batching's window: a batch that starts from idle waits this long for others to join (what @serve.batch
+# does); the app's default of 0 would start it with whoever has queued and make static look worse than it is.
+STATIC_WINDOW = "serve.moe.batch_wait_timeout_s=0.005"
 
 
 def generate_call(session, url: str, prompts: list[str], made: list[int]):
@@ -61,7 +65,7 @@ async def measure(args, url: str, prompts: list[str]) -> int:
                                      timeout=aiohttp.ClientTimeout(total=300)) as session:
         for mode in ("continuous", "static"):
             if mode != "continuous":
-                await asyncio.to_thread(deploy, args, [f"serve.batching={mode}"])  # serve.run blocks
+                await asyncio.to_thread(deploy, args, [f"serve.batching={mode}", STATIC_WINDOW])  # serve.run blocks
             await warm_up(session, url, prompts)
             results[mode] = await cells(session, url, prompts, mode, args.quick)
     print()

@@ -167,9 +167,10 @@ def stop_cluster(temp_dir: str) -> None:
 
 
 def deploy(args, overrides: list[str]) -> str:
+    """The app with the command line's overrides, then `overrides` (the benchmark's own: they win)."""
     from serve.launch import start
 
-    return start(args.run_dir, args.config, overrides, "127.0.0.1", args.port)
+    return start(args.run_dir, args.config, list(args.overrides) + overrides, "127.0.0.1", args.port)
 
 
 async def warm_up(session: aiohttp.ClientSession, url: str, prompts: list[str]) -> None:
@@ -319,6 +320,8 @@ def parse_args(argv: list[str] | None, doc: str, port: int, quick: str) -> argpa
     p.add_argument("--config", default=str(ROOT / "configs" / "small.yaml"), help="the preset (its serve: section)")
     p.add_argument("--port", type=int, default=port, help="Serve's HTTP port on 127.0.0.1")
     p.add_argument("--quick", action="store_true", help=quick)
+    p.add_argument("overrides", nargs="*", metavar="key=value",
+                   help="config overrides of every deployment of the app, e.g. serve.moe.batch_wait_timeout_s=0")
     return p.parse_args(argv)
 
 

@@ -117,8 +117,8 @@ async def measure(args, prompts: list[str], run: Path, n: int) -> int:
     async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0),
                                      timeout=aiohttp.ClientTimeout(total=300)) as session:
         for label, artifact, k, overrides in layouts:
-            url = await asyncio.to_thread(start, str(run), args.config, APP_OPTS + [f"serve.artifact={artifact}"]
-                                          + overrides, "127.0.0.1", args.port)
+            url = await asyncio.to_thread(start, str(run), args.config, list(args.overrides) + APP_OPTS
+                                          + [f"serve.artifact={artifact}"] + overrides, "127.0.0.1", args.port)
             out[label] = await layout(session, url, prompts, names[:k], label, n_req)
             failed += sum(out[label]["cell"].failures.values())
             if label == f"pool of {n}, {CAP} loaded":

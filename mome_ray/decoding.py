@@ -263,20 +263,25 @@ def _pad_left(cache, n: int) -> None:
 class Streams:
     """A `Decoder` driven for asyncio (a Serve replica): `generate` streams one request's tokens while a thread of
     its own steps the decoder for as long as any request is waiting or running (no event-loop hop per step),
-    handing each step's tokens to the loop. `wait_s`: before a batch starts from idle, wait this long for
-    others to join (static batching's window)."""
+    handing the loop each step's tokens of streamed requests and the whole of each finished one (a request that
+    is not streamed wakes the loop once). `wait_s`: before a batch starts from idle, wait this long for others
+    to join (static batching's window)."""
 
     def __init__(self, decoder: Decoder, wait_s: float = 0.0):
         self.decoder, self.wait_s = decoder, wait_s
         self.queues: dict[int, asyncio.Queue] = {}
+        self.streamed: set[int] = set()  # the requests that hear of each token as it is made
         self.lock = threading.Lock()  # guards starting and ending the decode thread
         self.thread: threading.Thread | None = None
         self.loop: asyncio.AbstractEventLoop | None = None
 
-    async def generate(self, req: GenRequest, **select) -> AsyncIterator:
-        """The request's `selected` members ({member: weight}) first, then each new token id as it is made."""
+    async def generate(self, req: GenRequest, stream: bool = True, **select) -> AsyncIterator:
+        """The request's `selected` members ({member: weight}) first, then each new token id: as it is made when
+        `stream`, else all at once when the request is done."""
         seq = self.decoder.add(req, **select)  # a bad request raises here: nothing queued
         queue = self.queues[id(seq)] = asyncio.Queue()
+        if stream:
+            self.streamed.add(id(seq))
         self.loop = asyncio.get_running_loop()
         with self.lock:
             if self.thread is None:
@@ -284,13 +289,15 @@ class Streams:
                 self.thread.start()
         try:
             yield seq.selected
-            while (token := await queue.get()) is not None:
-                if isinstance(token, BaseException):
-                    raise token
-                yield token
+            while (tokens := await queue.get()) is not None:
+                if isinstance(tokens, BaseException):
+                    raise tokens
+                for token in tokens:
+                    yield token
         finally:  # done, failed, or the consumer left: stop decoding it
             self.decoder.cancel(seq)
             self.queues.pop(id(seq), None)
+            self.streamed.discard(id(seq))
 
     def _run(self) -> None:
         """The decode thread: step until nothing waits or runs."""
@@ -302,10 +309,12 @@ class Streams:
                         return
                 if self.wait_s and not self.decoder.running:
                     time.sleep(self.wait_s)
-                out = [(seq, token, seq.done) for seq, token in self.decoder.step()]  # done as of this step
+                out = [(seq, [token] if id(seq) in self.streamed else seq.ids[len(seq.req.ids):], seq.done)
+                       for seq, token in self.decoder.step() if seq.done or id(seq) in self.streamed]
                 if self.loop.is_closed():  # nobody left to read (the loop's program ended)
                     raise asyncio.CancelledError
-                self.loop.call_soon_threadsafe(self._deliver, out)
+                if out:
+                    self.loop.call_soon_threadsafe(self._deliver, out)
         except (Exception, asyncio.CancelledError) as e:  # a step failed: every open request fails with it
             self.decoder.clear()
             with self.lock:
@@ -314,9 +323,9 @@ class Streams:
                 self.loop.call_soon_threadsafe(self._fail, e)
 
     def _deliver(self, out: list) -> None:
-        for seq, token, done in out:
+        for seq, tokens, done in out:
             if (queue := self.queues.get(id(seq))) is not None:
-                queue.put_nowait(token)
+                queue.put_nowait(tokens)
                 if done:
                     queue.put_nowait(None)
 

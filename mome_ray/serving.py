@@ -37,7 +37,9 @@ class DeploymentArgs:
     num_gpus: float = 0.0
     max_ongoing_requests: int = 64  # Serve's default (5) collapses throughput under concurrency (DESIGN.md)
     max_batch_size: int = 8  # @serve.batch
-    batch_wait_timeout_s: float = 0.005
+    # How long a batch waits for more requests after its first. 0: a batch is what queued while the last one ran,
+    # so a lone request never waits (c1 score p50 32 -> 21 ms) and batches still fill under load (BENCHMARKS.md).
+    batch_wait_timeout_s: float = 0.0
     autoscaling: dict[str, Any] | None = None  # Serve autoscaling_config, e.g. {min_replicas: 1, max_replicas: 4}
 
     def __post_init__(self):

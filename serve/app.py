@@ -93,7 +93,8 @@ class Gateway:
                 raise MomeError(f"the router has no class for expert(s) {missing}; retrain it on every language")
             self.router_info = {"classes": self.router.classes, "unknown_below": self.router.unknown_below,
                                 "version": spec["router_version"]}
-        self._route_batch = serve.batch(max_batch_size=spec["router_batch"], batch_wait_timeout_s=0.002)(self._route_rows)
+        self._route_batch = serve.batch(max_batch_size=spec["router_batch"],
+                                        batch_wait_timeout_s=spec["router_wait_s"])(self._route_rows)
         self.variant, self.created = spec["variant"], int(time.time())
         self.token = read_token(spec["token_env"], spec["token_file"])  # this replica's own environment
         if spec["require_token"] and not self.token:
@@ -421,7 +422,8 @@ def app_of(args: AppArgs, cfg: ServeConfig, spec: ServeSpec, configs: dict[str, 
         n_positions[TEACHER] = model_config(RunStore(t["run"]), t["stage"])["n_positions"]
     gateway = {"run": spec.run, "langs": spec.langs, "members": spec.members, "tokenizer": spec.tokenizer,
                "router": spec.router, "router_version": router_version,
-               "router_batch": cfg.router.max_batch_size, "variant": spec.variant, "token_env": cfg.token_env,
+               "router_batch": cfg.router.max_batch_size, "router_wait_s": cfg.router.batch_wait_timeout_s,
+               "variant": spec.variant, "token_env": cfg.token_env,
                "token_file": cfg.token_file, "require_token": args.require_token,
                "limits": dataclasses.asdict(cfg.limits), "n_positions": n_positions, "hot": list(cfg.hot),
                "model_ids": {n: f"{n}@{v}" for n, v in configs.get(POOL, {"versions": {}})["versions"].items()}}

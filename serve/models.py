@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import weakref
 from collections.abc import AsyncIterator
 
 import torch
@@ -82,10 +83,10 @@ class ServedMoE:
             yield token
 
     async def complete(self, req: GenRequest, select: dict) -> dict:
-        """The whole generation in one answer (no streamed item per token): {"selected", "tokens"}."""
-        stream = self.generate(req, select)
-        head = await anext(stream)
-        return {**head, "tokens": [t async for t in stream]}
+        """The whole generation in one answer (no item per token, here or over the wire): {"selected", "tokens"}."""
+        stream = self.streams.generate(req, stream=False, **self._kwargs([select]))
+        selected = await anext(stream)
+        return {"selected": selected, "tokens": [t async for t in stream]}
 
     async def _score_rows(self, items: list[tuple[list[int], dict]]) -> list[dict]:
         return await asyncio.to_thread(self._score_sync, items)
@@ -164,6 +165,7 @@ class ExpertPool:
     def __init__(self, threads: int, max_models: int):
         replica_setup(threads)
         self.config: dict | None = None
+        self.loaded: weakref.WeakValueDictionary[str, ServedMoE] = weakref.WeakValueDictionary()  # Serve's cache's
 
         async def load(model_id: str) -> ServedMoE:  # a function: Serve keeps its LRU cache on it
             return await asyncio.to_thread(self._load, model_id)
@@ -172,8 +174,11 @@ class ExpertPool:
 
     def reconfigure(self, config: dict) -> None:
         """The experts this pool serves and their versions; each loads on its first request (a new version is a
-        new model id: the old one is evicted as least recently used)."""
+        new model id: the old one is evicted as least recently used). New batch options apply to the loaded
+        experts too."""
         self.config = config
+        for served in list(self.loaded.values()):
+            served.configure(config)
 
     def _load(self, model_id: str) -> ServedMoE:
         """The expert's current version (an ingress replica not yet rolled after a hot update still asks for
@@ -181,8 +186,9 @@ class ExpertPool:
         name = model_id.rpartition("@")[0]
         if name not in self.config["parts"]:
             raise MomeError(f"no expert '{name}' in this pool; it serves {list(self.config['parts'])}")
-        return ServedMoE({**self.config, "parts": {name: self.config["parts"][name]},
-                          "versions": {name: self.config["versions"][name]}})
+        served = self.loaded[model_id] = ServedMoE({**self.config, "parts": {name: self.config["parts"][name]},
+                                                    "versions": {name: self.config["versions"][name]}})
+        return served
 
     async def check_health(self) -> None:
         if self.config is None:

@@ -114,17 +114,23 @@ def test_streams_serve_concurrent_requests_and_fail_them_all_when_a_step_fails()
     moe = MoE(ple())
     reqs = requests()[:3]
 
-    async def collect(streams, req, select):
-        return [t async for t in streams.generate(req, **dict(select))]
+    async def collect(streams, req, select, stream=True):
+        return [t async for t in streams.generate(req, stream=stream, **dict(select))]
+
+    delivered = []  # (request, tokens handed to the loop at once)
 
     async def together():
         streams = Streams(Decoder(moe))
-        return await asyncio.gather(*[collect(streams, r, s) for r, s in reqs])
+        deliver = streams._deliver
+        streams._deliver = lambda out: (delivered.extend((seq.req, len(t)) for seq, t, _ in out), deliver(out))
+        return await asyncio.gather(*[collect(streams, r, s, stream=i != 1) for i, (r, s) in enumerate(reqs)])
 
     got = asyncio.run(together())
-    for (r, s), tokens in zip(reqs, got):
+    for i, ((r, s), tokens) in enumerate(zip(reqs, got)):
         assert tokens[0] == Decoder(moe).add(r, **dict(s)).selected and sum(tokens[0].values()) == pytest.approx(1)
         assert tokens[1:] == run_alone(moe, r, s)
+        # streamed: a token a time; not streamed: every token in one hand-over, when it is done
+        assert [n for q, n in delivered if q is r] == ([1] * len(tokens[1:]) if i != 1 else [len(tokens[1:])])
 
     class Broken(MoE):
         def run(self, *args, **kwargs):

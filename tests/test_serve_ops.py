@@ -107,6 +107,20 @@ def test_the_moe_loads_once_in_reconfigure_and_checks_its_health(served_run, mon
     assert {e["name"]: e["version"] for e in server.info()["experts"]}["fr"] == new["versions"]["fr"]
 
 
+def test_new_batch_options_reach_the_experts_a_pool_has_loaded(served_run):
+    import serve.app as app
+
+    _, _, configs = app.resolve(app.AppArgs(run_dir=str(served_run), overrides=["serve.multiplex=2"]))
+    pool_config = configs["experts"]
+    with local_serve():
+        pool = app.ExpertPool.func_or_class(1, 2)
+        pool.reconfigure(pool_config)
+        fr = pool._load(f"fr@{pool_config['versions']['fr']}")  # what a request's first use of fr does
+        assert (fr.streams.decoder.max_batch, fr.streams.decoder.admit) == (pool_config["max_batch_size"], "continuous")
+        pool.reconfigure({**pool_config, "max_batch_size": 3, "batching": "static"})
+    assert (fr.streams.decoder.max_batch, fr.streams.decoder.admit) == (3, "static")
+
+
 def test_serve_model_picks_the_variant_best_by_the_grid_and_says_why(served_run, tmp_path):
     import shutil
 
