@@ -6,7 +6,8 @@ continuous vs static batching under a closed loop of clients; one thread, one ru
 Models: the run's teacher (a one-model PLE, as Serve serves it), PLE (experts/), JEET and MoE-CE (moe/),
 each forced to expert fr (routed top-1 runs the same stacks). Prompts: 41 token ids; temperature 0.
   1. one request alone: 16 and 32 new tokens, mean of REPEAT runs; ratio to the teacher;
-  2. CLIENTS clients in a closed loop (each sends its next request when its last one ends), max_new_tokens
+  2. what a prefill and a decode step cost by their rows (1, 4, 8, 16), best of 3;
+  3. CLIENTS clients in a closed loop (each sends its next request when its last one ends), max_new_tokens
      cycling LENGTHS, a decode batch of at most 8: p50/p99 latency and tokens/s, continuous vs static.
 """
 
@@ -27,6 +28,7 @@ from mome_ray.serving import load_moe  # noqa: E402
 PROMPT = list(range(3, 44))
 LENGTHS = (4, 64, 8, 32, 16, 48)
 CLIENTS = 16
+STEP_ROWS = (1, 4, 8, 16)
 REPEAT = 10
 
 
@@ -39,6 +41,21 @@ def alone(moe, force: str, n: int, repeat: int) -> float:
         while decoder.busy:
             decoder.step()
     return 1000 * (time.perf_counter() - t0) / repeat
+
+
+def step_cost(moe, force: str, rows: int, steps: int = 20) -> tuple[float, float]:
+    """(ms of one prefill of `rows` prompts together, ms of one decode step of `rows` running requests)."""
+    decoder = Decoder(moe, max_batch=rows)
+    for _ in range(rows):
+        decoder.add(GenRequest(PROMPT, steps + 4, 0.0), force=force)
+    t0 = time.perf_counter()
+    decoder.step()  # every prompt prefilled (one group: the same experts)
+    prefill = time.perf_counter() - t0
+    decoder.step()
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        decoder.step()
+    return 1000 * prefill, 1000 * (time.perf_counter() - t0) / steps
 
 
 def closed_loop(moe, force: str, admit: str, n_requests: int, lengths=LENGTHS, max_batch: int = 8) -> dict:
@@ -86,6 +103,14 @@ def main(argv: list[str] | None = None) -> None:
         ms = {n: base[n] if name == "teacher" else alone(moe, force, n, repeat) for n in (16, 32)}
         print(f"| {name} | {ms[16]:.1f} | {ms[16] / base[16]:.2f}x | {ms[32]:.1f} | {ms[32] / base[32]:.2f}x |",
               flush=True)
+    print("\n### What a step costs by its rows (the prompts prefilled together, then decode steps)\n")
+    print("| model | rows | prefill ms | decode step ms | step / 1-row step |\n|---|---|---|---|---|")
+    for name in ("teacher", "MoE-CE"):
+        one = None
+        for rows in STEP_ROWS:
+            prefill, step = min((step_cost(*models[name], rows) for _ in range(3)), key=lambda c: c[1])
+            one = one or step
+            print(f"| {name} | {rows} | {prefill:.1f} | {step:.2f} | {step / one:.2f}x |", flush=True)
     print(f"\n### {CLIENTS} clients in a closed loop, max_new_tokens cycling {list(LENGTHS)}, a batch of at most 8 "
           f"({n_requests} requests)\n")
     print("| model | batching | p50 ms | p99 ms | tokens/s |\n|---|---|---|---|---|")
