@@ -32,7 +32,7 @@ sys.path.insert(0, str(ROOT))
 
 import aiohttp  # noqa: E402
 
-from benchmarks.serve_load import APP, gen_body, on_app, parse_args, warm_up  # noqa: E402
+from benchmarks.serve_load import APP, alive_actors, gen_body, on_app, parse_args, replica_processes, warm_up  # noqa: E402
 
 JSON = "application/json"
 RETRY_AFTER_S = 0.5
@@ -97,26 +97,6 @@ async def send(session, url: str, req) -> int | str:
 
 
 # --- memory
-
-
-def alive_actors() -> list:
-    """The live actors of our cluster (named by its address: other clusters may run on this machine)."""
-    import ray
-    from ray.util.state import list_actors
-
-    return list_actors(address=ray.get_runtime_context().gcs_address, filters=[("state", "=", "ALIVE")], limit=1000)
-
-
-def replica_processes() -> dict[str, list[int]]:
-    """Deployment name (or the proxy/controller) -> the pids of its live actors in this cluster."""
-    out = defaultdict(list)
-    for a in alive_actors():
-        name = a.class_name
-        if name.startswith(f"ServeReplica:{APP}:"):
-            out[name.split(":")[-1]].append(a.pid)
-        elif name in ("ProxyActor", "ServeController"):
-            out[name].append(a.pid)
-    return dict(out)
 
 
 def rss_mb() -> dict[str, tuple[float, list[int]]]:

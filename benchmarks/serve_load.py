@@ -11,7 +11,8 @@ latency is send -> whole body read; throughput is successful requests / the cell
 
 Sections (markdown tables on stdout):
   1. route, score (routed), generate (routed, 16 new tokens, temperature 0) at concurrency 1, 4, 16, 64;
-  2. the routed MoE vs the teacher deployment (`"expert": "teacher"`) on the same prompts: p50 ratios;
+  2. the routed MoE vs the teacher deployment (`"expert": "teacher"`) on the same prompts: p50 ratios, and
+     where each cell's CPU went (ms per request by process: the proxy, the ingress, the models, this client);
   3. the router hop: scoring with expert fr via HTTP /v1/score, via the ingress's handle
      (`Gateway.score`, no HTTP), and via the MoE's own handle (`moe`.score on token ids, fr forced);
   4. score at concurrency 16, this app vs the same app redeployed untuned (`UNTUNED`): the ratio.
@@ -94,18 +95,23 @@ async def run_cell(name: str, call: Callable[[int], Awaitable[None]], concurrenc
         nonlocal issued
         while issued < n and time.perf_counter() - t0 < cap_s:
             i, issued = issued, issued + 1
-            s = time.perf_counter()
-            try:
-                await call(i)
-                cell.latencies.append(time.perf_counter() - s)
-            except HTTPStatus as e:
-                cell.failures[e.status] += 1
-            except Exception as e:  # a dropped connection, a dead replica seen through a handle
-                cell.failures[type(e).__name__] += 1
+            await timed(cell, call, i)
 
     await asyncio.gather(*[worker() for _ in range(concurrency)])
     cell.seconds = time.perf_counter() - t0
     return cell
+
+
+async def timed(cell: Cell, call: Callable[[int], Awaitable[None]], i: int) -> None:
+    """call(i), its latency or its failure recorded in `cell`."""
+    s = time.perf_counter()
+    try:
+        await call(i)
+        cell.latencies.append(time.perf_counter() - s)
+    except HTTPStatus as e:
+        cell.failures[e.status] += 1
+    except Exception as e:  # a dropped connection, a dead replica seen through a handle
+        cell.failures[type(e).__name__] += 1
 
 
 class HTTPStatus(Exception):
@@ -191,6 +197,41 @@ def gen_body(prompt: str, expert: str | None = None) -> dict:
     return {"prompt": prompt, "max_new_tokens": NEW_TOKENS, "temperature": 0.0, **forced}
 
 
+def alive_actors() -> list:
+    """The live actors of our cluster (named by its address: other clusters may run on this machine)."""
+    import ray
+    from ray.util.state import list_actors
+
+    return list_actors(address=ray.get_runtime_context().gcs_address, filters=[("state", "=", "ALIVE")], limit=1000)
+
+
+def replica_processes() -> dict[str, list[int]]:
+    """Deployment name (or the proxy/controller) -> the pids of its live actors in this cluster."""
+    out: dict[str, list[int]] = {}
+    for a in alive_actors():
+        name = a.class_name
+        if name.startswith(f"ServeReplica:{APP}:"):
+            out.setdefault(name.split(":")[-1], []).append(a.pid)
+        elif name in ("ProxyActor", "ServeController"):
+            out.setdefault(name, []).append(a.pid)
+    return dict(out)
+
+
+def cpu_seconds() -> dict[str, float]:
+    """CPU seconds (user + system) used so far by each Serve process group and by this load generator."""
+    import psutil
+
+    groups = {**replica_processes(), "load generator": [os.getpid()]}
+    return {name: sum(sum(psutil.Process(p).cpu_times()[:2]) for p in pids) for name, pids in groups.items()}
+
+
+def cpu_line(cell: Cell, before: dict[str, float], after: dict[str, float]) -> str:
+    """Where a cell's CPU went: ms per successful request by process group, the busiest first."""
+    per = {n: 1000 * (after[n] - before.get(n, 0.0)) / max(cell.ok, 1) for n in after}
+    shown = ", ".join(f"{n} {ms:.1f}" for n, ms in sorted(per.items(), key=lambda x: -x[1]) if ms >= 0.05)
+    return f"  - {cell.name} @ {cell.concurrency}: CPU ms per request {sum(per.values()):.1f} ({shown})"
+
+
 # --- the sections
 
 
@@ -206,17 +247,21 @@ async def grid(session, url, prompts, plan) -> list[Cell]:
     return cells
 
 
-async def moe_vs_teacher(session, url, prompts, plan) -> list[tuple[str, int, Cell, Cell]]:
+async def moe_vs_teacher(session, url, prompts, plan, usage: list[str]) -> list[tuple[str, int, Cell, Cell]]:
+    """Each (endpoint, concurrency): the routed MoE's cell and the teacher's; `usage` gets each cell's CPU line."""
     out = []
     for name, path, body in (("score", "/v1/score", lambda p, e: {"prompt": p, **({"expert": e} if e else {})}),
                              ("generate", "/v1/generate", gen_body)):
         for c in plan.compare_concurrency:
             calls = {label: http_post(session, url, path, [body(p, e) for p in prompts])
                      for label, e in (("routed MoE", None), ("teacher", "teacher"))}
-            moe, teacher = [await run_cell(f"{name} {label}", call, c, plan.requests(c), plan.cap_s)
-                            for label, call in calls.items()]
-            print(moe.row(), teacher.row(), sep="\n", flush=True)
-            out.append((name, c, moe, teacher))
+            cells = []
+            for label, call in calls.items():
+                before = cpu_seconds()
+                cells.append(await run_cell(f"{name} {label}", call, c, plan.requests(c), plan.cap_s))
+                usage.append(cpu_line(cells[-1], before, cpu_seconds()))
+            print(*[cell.row() for cell in cells], sep="\n", flush=True)
+            out.append((name, c, *cells))
     return out
 
 
@@ -283,11 +328,13 @@ async def measure(args, url: str, prompts: list[str]) -> None:
         await grid(session, url, prompts, plan)
 
         print(f"\n### Routed MoE vs the teacher deployment (same prompts)\n\n{HEADER}", flush=True)
-        pairs = await moe_vs_teacher(session, url, prompts, plan)
+        usage: list[str] = []
+        pairs = await moe_vs_teacher(session, url, prompts, plan, usage)
         print()
         for name, c, moe, teacher in pairs:
             print(f"- {name} @ concurrency {c}: " + ratio_line("p50 ms MoE / teacher", moe.pct(50), teacher.pct(50))
                   + f"; req/s MoE / teacher = {moe.rps / teacher.rps:.2f}x")
+        print("- where the CPU went (both cells pay the proxy, the ingress and the load generator):", *usage, sep="\n")
 
         print(f"\n### The router hop (score with expert fr forced; the direct handle gets token ids)\n\n{HEADER}",
               flush=True)

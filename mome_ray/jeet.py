@@ -175,16 +175,38 @@ class JEETModel(nn.Module):
         runs keeps its keys and values there, and `input_ids` are the tokens after those already cached
         (`attention_mask` then covers both). `positions` (b, T): the tokens' positions (default: they follow
         the cached ones), for rows padded on the left."""
-        if name not in self.stacks:
-            raise MomeError(f"no expert '{name}' in this JEET model; experts: {list(self.stacks)}")
+        rows = torch.arange(len(input_ids), device=input_ids.device)
+        return self.hidden_rows([(name, rows)], input_ids, attention_mask, with_common, cache, positions)[0]
+
+    def hidden_rows(self, groups: list[tuple[str, torch.Tensor]], input_ids: torch.Tensor,
+                    attention_mask: torch.Tensor | None, with_common: bool, cache: dict | None = None,
+                    positions: torch.Tensor | None = None) -> list[torch.Tensor]:
+        """`hidden` of each group (name, rows: indices into the batch) of one batch, the common stack run once
+        over all the batch's rows (not once per group) when `with_common`. In `cache`, each stack keeps its
+        own rows' keys and values: a language stack its groups', the common stack every row's."""
+        unknown = [name for name, _ in groups if name not in self.stacks]
+        if unknown:
+            raise MomeError(f"no expert {unknown} in this JEET model; experts: {list(self.stacks)}")
         if with_common and not self.cfg.common:
             raise MomeError("this JEET model has no common expert; build it with common=True (MoE-CE)")
-        h = self._stack(name, input_ids, attention_mask, cache, name, positions)
-        if not with_common or name == COMMON:
-            return h
-        h_common = self._stack(COMMON, input_ids, attention_mask, cache, f"{name}+{COMMON}", positions)  # name's rows
+        shared = self._stack(COMMON, input_ids, attention_mask, cache, positions) if with_common else None
+        out = []
+        for name, rows in groups:
+            if shared is not None and name == COMMON:
+                out.append(shared[rows])
+                continue
+            every = len(rows) == len(input_ids)  # rows = the whole batch, in order: no copies
+            mask = attention_mask if every or attention_mask is None else attention_mask[rows]
+            pos = positions if every or positions is None else positions[rows]
+            h = self._stack(name, input_ids if every else input_ids[rows], mask, cache, pos)
+            out.append(h if shared is None else self._with_common(name, h, shared if every else shared[rows]))
+        return out
+
+    def _with_common(self, name: str, h: torch.Tensor, h_common: torch.Tensor) -> torch.Tensor:
+        """Expert `name`'s hidden states mixed with the common stack's on the same rows: the paper's plain
+        mean, or the learned per-language gate."""
         if self.gate is None:
-            return (h + h_common) / 2  # the paper's plain mean
+            return (h + h_common) / 2
         g = torch.sigmoid(self.gate[self.cfg.langs.index(name)])
         return (1 - g) * h_common + g * h
 
@@ -193,13 +215,13 @@ class JEETModel(nn.Module):
         module = getattr(self, part)
         return module[name] if isinstance(module, nn.ModuleDict) else module
 
-    def _stack(self, name, input_ids, attention_mask, cache: dict | None = None, key: str = "",
+    def _stack(self, name, input_ids, attention_mask, cache: dict | None = None,
                positions: torch.Tensor | None = None):
         """Embed, run stack `name`, final LayerNorm: (b, T) ids -> (b, T, C); with `cache`, after the tokens
-        cached under `key` (their positions continue theirs unless `positions` says otherwise)."""
+        cached under `name` (their positions continue theirs unless `positions` says otherwise)."""
         from transformers.masking_utils import create_causal_mask
 
-        past = kv_cache(cache, key, self.gpt2_config)
+        past = kv_cache(cache, name, self.gpt2_config)
         pos = positions
         if pos is None:
             start = past.get_seq_length() if past is not None else 0

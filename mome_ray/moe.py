@@ -41,8 +41,9 @@ An expert bank is any module with `names`, `has_common`, `combines_common`, `sha
 `vocab_size`, `logits(name, ids, mask, with_common, last=False, cache=None, positions=None)` (`last`: the
 last position's only; `cache`: a dict kept between decoding steps, where the experts that run keep their
 keys and values; `positions`: (b, T) position ids, for left-padded rows) and `active_params(names,
-with_common)` (and, where `shares_head`, `hidden(name, ids, mask, with_common, cache=None, positions=None)`
-and `head(h)`): `PLEExperts` here (whole HF models) and `JEETModel` in jeet.py (stacks over shared parts).
+with_common)` (and, where `shares_head`, `hidden_rows(groups, ids, mask, with_common, cache=None,
+positions=None)`, each group's last hidden states with the shared parts run once over the batch, and
+`head(h)`): `PLEExperts` here (whole HF models) and `JEETModel` in jeet.py (stacks over shared parts).
 """
 
 from __future__ import annotations
@@ -382,23 +383,35 @@ class MoE(nn.Module):
                 pos = {"positions": positions[rows]} if positions is not None else {}
                 yield m, rows, fn(name, input_ids[rows], mask, plan.common, **pos, **kwargs)
 
+    def _states(self, input_ids, attention_mask, plan: Plan, last: bool, cache: dict | None,
+                positions: torch.Tensor | None) -> tuple[list, list[torch.Tensor]]:
+        """([(member index, rows)], each one's last hidden states (b, T, C), or (b, 1, C) with `last`) from one
+        `hidden_rows` call: the common stack runs once over the batch, not once per member."""
+        groups = [(m, rows) for m in range(len(self.members)) if len(rows := plan.weights[:, m].nonzero().flatten())]
+        states = self.experts.hidden_rows([(self.members[m], rows) for m, rows in groups], input_ids, attention_mask,
+                                          plan.common, cache, positions)
+        return groups, [h[:, -1:] if last else h for h in states]
+
     def run(self, input_ids, attention_mask, plan: Plan, last: bool = False, cache: dict | None = None,
             positions: torch.Tensor | None = None):
         """(B, T, V) logits, or (B, 1, V) for the last position only with `last` (decoding: the head over
-        every position would cost more than the blocks). With `cache` (decoding: each member's cache holds its
+        every position would cost more than the blocks). With `cache` (decoding: each stack's cache holds its
         rows, in batch order), `input_ids` are the tokens after those cached, `attention_mask` covers the cached
-        tokens and these, and `positions` (B, T) are theirs (left-padded rows: see decoding.py)."""
-        if plan.mix == "hidden":  # Σ_m w_m·h_m per row, then the shared head once
-            h = None
-            for m, rows, hidden in self._groups(self.experts.hidden, input_ids, attention_mask, positions, plan,
-                                                cache=cache):  # (b, T, C)
-                hidden = hidden[:, -1:] if last else hidden
-                h = hidden.new_zeros(len(input_ids), *hidden.shape[1:]) if h is None else h
-                h = h.index_add(0, rows, hidden * plan.weights[rows, m].to(hidden.dtype)[:, None, None])
-            return self.experts.head(h)
+        tokens and these, and `positions` (B, T) are theirs (left-padded rows: see decoding.py).
+        Experts that share the head (JEET, MoE-CE) run it once over the batch unless their distributions mix."""
+        if self.experts.shares_head:
+            groups, states = self._states(input_ids, attention_mask, plan, last, cache, positions)
+            if plan.mix != "probs":  # Σ_m w_m·h_m per row (top-1: its one member's), then the head once
+                h = states[0].new_zeros(len(input_ids), *states[0].shape[1:])
+                for (m, rows), hidden in zip(groups, states):
+                    h = h.index_add(0, rows, hidden * plan.weights[rows, m].to(hidden.dtype)[:, None, None])
+                return self.experts.head(h)
+            members = [(m, rows, self.experts.head(hidden)) for (m, rows), hidden in zip(groups, states)]
+        else:
+            members = self._groups(self.experts.logits, input_ids, attention_mask, positions, plan, last=last,
+                                   cache=cache)
         order, pieces = [], []
-        for m, rows, logits in self._groups(self.experts.logits, input_ids, attention_mask, positions, plan,
-                                            last=last, cache=cache):
+        for m, rows, logits in members:
             if plan.mix == "probs":  # weighted log-probs of this member, logsumexp-ed below
                 logits = F.log_softmax(logits.float(), -1) + plan.weights[rows, m].log()[:, None, None]
             order.append(rows)

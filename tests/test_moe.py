@@ -121,6 +121,25 @@ def test_mixed_batch_equals_each_sequence_alone(bank, padded):
             torch.testing.assert_close(together[i, :n], alone, rtol=0, atol=1e-5)
 
 
+def test_a_mixed_batch_runs_the_shared_parts_once(monkeypatch):
+    """MoE-CE routed over every language: each language stack once on its rows, the common stack once over the
+    whole batch (not once per language), the head once; top-2 mixing too (one head per member it mixes)."""
+    model = jeet(common=True)
+    stacks, heads = [], []
+    stack, head = model._stack, model.head
+    monkeypatch.setattr(model, "_stack", lambda name, ids, *a, **k: stacks.append((name, len(ids))) or stack(name, ids, *a, **k))
+    monkeypatch.setattr(model, "head", lambda h: heads.append(len(h)) or head(h))
+    moe = MoE(model)
+    with torch.no_grad():
+        moe(batch(6), routing=routing([0, 3, UNKNOWN, 1, 0, 2]))
+    assert sorted(stacks) == sorted([(COMMON, 6), ("en", 2), ("fr", 1), ("de", 1), ("py", 1)]) and heads == [6]
+    stacks.clear(), heads.clear()
+    with torch.no_grad():
+        moe(batch(2), routing=Routing(torch.tensor([0, 1]), torch.tensor([[0.6, 0.3, 0.1, 0.0], [0.1, 0.5, 0.4, 0.0]])),
+            mode="topk", k=2)
+    assert sorted(stacks) == sorted([(COMMON, 2), ("en", 1), ("fr", 2), ("de", 1)]) and sorted(heads) == [1, 1, 2]
+
+
 def test_unknown_goes_to_the_common_expert():
     for moe in (MoE(ple(common=True)), MoE(jeet(common=True))):
         ids = batch(3)
