@@ -6,7 +6,9 @@ continuous vs static batching under a closed loop of clients; one thread, one ru
 Models: the run's teacher (a one-model PLE, as Serve serves it), PLE (experts/), JEET and MoE-CE (moe/),
 each forced to expert fr (routed top-1 runs the same stacks). Prompts: 41 token ids; temperature 0.
   1. one request alone: 16 and 32 new tokens, mean of REPEAT runs; ratio to the teacher;
-  2. what a prefill and a decode step cost by their rows (1, 4, 8, 16), best of 3;
+  2. what a prefill and a decode step cost by their rows (1, 4, 8, 16), best of 3: the teacher, MoE-CE
+     forced to fr, and MoE-CE with its rows over en/fr/de/py in turn (routed traffic: each language's stack
+     runs on its rows, the common stack and the head once over the batch);
   3. CLIENTS clients in a closed loop (each sends its next request when its last one ends), max_new_tokens
      cycling LENGTHS, a decode batch of at most 8: p50/p99 latency and tokens/s, continuous vs static.
 """
@@ -43,13 +45,15 @@ def alone(moe, force: str, n: int, repeat: int) -> float:
     return 1000 * (time.perf_counter() - t0) / repeat
 
 
-def step_cost(moe, force: str, rows: int, steps: int = 20) -> tuple[float, float]:
-    """(ms of one prefill of `rows` prompts together, ms of one decode step of `rows` running requests)."""
+def step_cost(moe, force: str | tuple[str, ...], rows: int, steps: int = 20) -> tuple[float, float]:
+    """(ms of one prefill of `rows` prompts together, ms of one decode step of `rows` running requests); a tuple
+    of experts: the rows take them in turn (as routed traffic in several languages does)."""
     decoder = Decoder(moe, max_batch=rows)
-    for _ in range(rows):
-        decoder.add(GenRequest(PROMPT, steps + 4, 0.0), force=force)
+    forces = force if isinstance(force, tuple) else (force,)
+    for i in range(rows):
+        decoder.add(GenRequest(PROMPT, steps + 4, 0.0), force=forces[i % len(forces)])
     t0 = time.perf_counter()
-    decoder.step()  # every prompt prefilled (one group: the same experts)
+    decoder.step()  # every prompt prefilled (one group per expert)
     prefill = time.perf_counter() - t0
     decoder.step()
     t0 = time.perf_counter()
@@ -105,12 +109,13 @@ def main(argv: list[str] | None = None) -> None:
               flush=True)
     print("\n### What a step costs by its rows (the prompts prefilled together, then decode steps)\n")
     print("| model | rows | prefill ms | decode step ms | step / 1-row step |\n|---|---|---|---|---|")
-    for name in ("teacher", "MoE-CE"):
+    for name, force in (("teacher", "teacher"), ("MoE-CE", "fr"), ("MoE-CE", ("en", "fr", "de", "py"))):
         one = None
         for rows in STEP_ROWS:
-            prefill, step = min((step_cost(*models[name], rows) for _ in range(3)), key=lambda c: c[1])
+            prefill, step = min((step_cost(models[name][0], force, rows) for _ in range(3)), key=lambda c: c[1])
             one = one or step
-            print(f"| {name} | {rows} | {prefill:.1f} | {step:.2f} | {step / one:.2f}x |", flush=True)
+            label = name if name == "teacher" else f"{name}, {'/'.join(force) if isinstance(force, tuple) else force}"
+            print(f"| {label} | {rows} | {prefill:.1f} | {step:.2f} | {step / one:.2f}x |", flush=True)
     print(f"\n### {CLIENTS} clients in a closed loop, max_new_tokens cycling {list(LENGTHS)}, a batch of at most 8 "
           f"({n_requests} requests)\n")
     print("| model | batching | p50 ms | p99 ms | tokens/s |\n|---|---|---|---|---|")
