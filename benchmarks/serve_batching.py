@@ -6,10 +6,8 @@
 
 Load: routed /v1/generate, real 40-token prompts (serve_load.py's), temperature 0, `max_new_tokens` cycling
 through LENGTHS (mixed lengths are what static batching pays for), two ways:
-- closed loop at concurrency 16 (and 4): each client sends its next request when its last ends. Under
-  static batching such clients fall into step (a batch's requests all start together, so they end in the
-  batch's longest time and come back together): when the cap (`serve.moe.max_batch_size`) is at least the
-  concurrency, no request ever arrives while a batch runs, which is the case static batching pays for;
+- closed loop at concurrency 16 (and 4): each client sends its next request when its last ends; under
+  static batching a request that arrives while a batch runs waits for the batch's longest generation;
 - open loop: requests arrive as a Poisson process (the same seeded arrival times in both modes) at
   OPEN_LOAD x the closed-loop concurrency-16 throughput continuous batching reached in this run, each sent
   when it arrives whatever is in flight (how traffic from many independent users arrives); the table's
