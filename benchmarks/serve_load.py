@@ -11,8 +11,9 @@ latency is send -> whole body read; throughput is successful requests / the cell
 
 Sections (markdown tables on stdout):
   1. route, score (routed), generate (routed, 16 new tokens, temperature 0) at concurrency 1, 4, 16, 64;
-  2. the routed MoE vs the teacher deployment (`"expert": "teacher"`) on the same prompts: p50 ratios, and
-     where each cell's CPU went (ms per request by process: the proxy, the ingress, the models, this client);
+  2. the routed MoE vs the teacher deployment (`"expert": "teacher"`) on the same prompts, their cells run in
+     turn ROUNDS times and pooled: p50 ratios, and where each one's CPU went (ms per request by process:
+     the proxy, the ingress, the models, this client);
   3. the router hop: scoring with expert fr via HTTP /v1/score, via the ingress's handle
      (`Gateway.score`, no HTTP), and via the MoE's own handle (`moe`.score on token ids, fr forced);
   4. score at concurrency 16, this app vs the same app redeployed untuned (`UNTUNED`): the ratio.
@@ -44,6 +45,7 @@ APP = "mome"
 LANGS = ("en", "fr", "de", "py")
 CONCURRENCY = (1, 4, 16, 64)
 NEW_TOKENS = 16
+ROUNDS = 3  # the MoE-vs-teacher cells, alternated
 # Serve's defaults: 5 ongoing requests per replica, and no batching (a batch of one).
 UNTUNED = ["serve.moe.max_ongoing_requests=5", "serve.moe.max_batch_size=1",
            "serve.router.max_ongoing_requests=5", "serve.router.max_batch_size=1"]
@@ -225,9 +227,9 @@ def cpu_seconds() -> dict[str, float]:
     return {name: sum(sum(psutil.Process(p).cpu_times()[:2]) for p in pids) for name, pids in groups.items()}
 
 
-def cpu_line(cell: Cell, before: dict[str, float], after: dict[str, float]) -> str:
-    """Where a cell's CPU went: ms per successful request by process group, the busiest first."""
-    per = {n: 1000 * (after[n] - before.get(n, 0.0)) / max(cell.ok, 1) for n in after}
+def cpu_line(cell: Cell, used: dict[str, float]) -> str:
+    """Where a cell's CPU went (`used`: CPU seconds by process group): ms per answered request, busiest first."""
+    per = {n: 1000 * seconds / max(cell.ok, 1) for n, seconds in used.items()}
     shown = ", ".join(f"{n} {ms:.1f}" for n, ms in sorted(per.items(), key=lambda x: -x[1]) if ms >= 0.05)
     return f"  - {cell.name} @ {cell.concurrency}: CPU ms per request {sum(per.values()):.1f} ({shown})"
 
@@ -248,21 +250,35 @@ async def grid(session, url, prompts, plan) -> list[Cell]:
 
 
 async def moe_vs_teacher(session, url, prompts, plan, usage: list[str]) -> list[tuple[str, int, Cell, Cell]]:
-    """Each (endpoint, concurrency): the routed MoE's cell and the teacher's; `usage` gets each cell's CPU line."""
+    """Each (endpoint, concurrency): the routed MoE's cell and the teacher's, each the union of ROUNDS cells run
+    in turn (MoE, teacher, MoE, ...: a slow spell of the machine falls on both); `usage` gets their CPU lines."""
     out = []
     for name, path, body in (("score", "/v1/score", lambda p, e: {"prompt": p, **({"expert": e} if e else {})}),
                              ("generate", "/v1/generate", gen_body)):
         for c in plan.compare_concurrency:
             calls = {label: http_post(session, url, path, [body(p, e) for p in prompts])
                      for label, e in (("routed MoE", None), ("teacher", "teacher"))}
-            cells = []
-            for label, call in calls.items():
-                before = cpu_seconds()
-                cells.append(await run_cell(f"{name} {label}", call, c, plan.requests(c), plan.cap_s))
-                usage.append(cpu_line(cells[-1], before, cpu_seconds()))
-            print(*[cell.row() for cell in cells], sep="\n", flush=True)
-            out.append((name, c, *cells))
+            cells = {label: Cell(f"{name} {label}", c) for label in calls}
+            used = {label: {} for label in calls}
+            for _ in range(plan.rounds):
+                for label, call in calls.items():
+                    before = cpu_seconds()
+                    cell = await run_cell(f"{name} {label}", call, c, plan.requests(c), plan.cap_s)
+                    after = cpu_seconds()
+                    merge(cells[label], cell)
+                    for n in after:
+                        used[label][n] = used[label].get(n, 0.0) + after[n] - before.get(n, 0.0)
+            usage.extend(cpu_line(cells[label], used[label]) for label in calls)
+            print(*[cell.row() for cell in cells.values()], sep="\n", flush=True)
+            out.append((name, c, *cells.values()))
     return out
+
+
+def merge(into: Cell, cell: Cell) -> None:
+    """Add one cell's requests and time to another of the same load."""
+    into.seconds += cell.seconds
+    into.latencies += cell.latencies
+    into.failures.update(cell.failures)
 
 
 async def router_hop(session, url, prompts, plan) -> list[Cell]:
@@ -308,6 +324,11 @@ class Plan:
     @property
     def cap_s(self) -> float:
         return 5.0 if self.quick else 30.0
+
+    @property
+    def rounds(self) -> int:
+        """The MoE-vs-teacher cells run in turn this many times each."""
+        return 1 if self.quick else ROUNDS
 
     def requests(self, concurrency: int) -> int:
         return 2 * concurrency + 4 if self.quick else min(400, max(60, 10 * concurrency))
