@@ -109,12 +109,12 @@ def main(argv: list[str] | None = None) -> None:
               flush=True)
     print("\n### What a step costs by its rows (the prompts prefilled together, then decode steps)\n")
     print("| model | rows | prefill ms | decode step ms | step / 1-row step |\n|---|---|---|---|---|")
-    for name, force in (("teacher", "teacher"), ("MoE-CE", "fr"), ("MoE-CE", ("en", "fr", "de", "py"))):
+    for label, name, force in (("teacher", "teacher", "teacher"), ("MoE-CE, fr", "MoE-CE", "fr"),
+                               ("MoE-CE, en/fr/de/py", "MoE-CE", ("en", "fr", "de", "py"))):
         one = None
         for rows in STEP_ROWS:
             prefill, step = min((step_cost(models[name][0], force, rows) for _ in range(3)), key=lambda c: c[1])
             one = one or step
-            label = name if name == "teacher" else f"{name}, {'/'.join(force) if isinstance(force, tuple) else force}"
             print(f"| {label} | {rows} | {prefill:.1f} | {step:.2f} | {step / one:.2f}x |", flush=True)
     print(f"\n### {CLIENTS} clients in a closed loop, max_new_tokens cycling {list(LENGTHS)}, a batch of at most 8 "
           f"({n_requests} requests)\n")

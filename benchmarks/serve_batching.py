@@ -106,9 +106,10 @@ async def measure(args, url: str, prompts: list[str]) -> int:
             await warm_up(session, url, prompts)
             results[mode], rate = await cells(session, url, prompts, mode, args.quick, rate)
     print()
-    for (cont, cont_tps), (stat, stat_tps) in zip(results["continuous"], results["static"]):
-        load = (f"concurrency {cont.concurrency}" if "open" not in cont.name else
-                f"open loop {cont.name.rpartition('loop ')[2]} (mean in flight {cont.concurrency} / {stat.concurrency})")
+    loads = [f"concurrency {c}" for c in CONCURRENCY] + [f"open loop {rate:.1f} req/s"]  # as `cells` runs them
+    for load, (cont, cont_tps), (stat, stat_tps) in zip(loads, results["continuous"], results["static"]):
+        if load.startswith("open"):
+            load += f" (mean in flight {cont.concurrency} / {stat.concurrency})"
         print(f"- {load}: p99 continuous / static = {cont.pct(99):.0f} / {stat.pct(99):.0f} ms "
               f"= **{cont.pct(99) / stat.pct(99):.2f}x** (target <= 0.5x at 16); p50 {cont.pct(50):.0f} / "
               f"{stat.pct(50):.0f} ms = {cont.pct(50) / stat.pct(50):.2f}x; tokens/s {cont_tps:.0f} / {stat_tps:.0f} "

@@ -216,7 +216,7 @@ def replica_processes() -> dict[str, list[int]]:
             out.setdefault(name.split(":")[-1], []).append(a.pid)
         elif name in ("ProxyActor", "ServeController"):
             out.setdefault(name, []).append(a.pid)
-    return dict(out)
+    return out
 
 
 def cpu_seconds() -> dict[str, float]:
@@ -259,15 +259,12 @@ async def moe_vs_teacher(session, url, prompts, plan, usage: list[str]) -> list[
             calls = {label: http_post(session, url, path, [body(p, e) for p in prompts])
                      for label, e in (("routed MoE", None), ("teacher", "teacher"))}
             cells = {label: Cell(f"{name} {label}", c) for label in calls}
-            used = {label: {} for label in calls}
+            used = {label: Counter() for label in calls}  # CPU seconds by process group
             for _ in range(plan.rounds):
                 for label, call in calls.items():
                     before = cpu_seconds()
-                    cell = await run_cell(f"{name} {label}", call, c, plan.requests(c), plan.cap_s)
-                    after = cpu_seconds()
-                    merge(cells[label], cell)
-                    for n in after:
-                        used[label][n] = used[label].get(n, 0.0) + after[n] - before.get(n, 0.0)
+                    merge(cells[label], await run_cell(f"{name} {label}", call, c, plan.requests(c), plan.cap_s))
+                    used[label].update({n: t - before.get(n, 0.0) for n, t in cpu_seconds().items()})
             usage.extend(cpu_line(cells[label], used[label]) for label in calls)
             print(*[cell.row() for cell in cells.values()], sep="\n", flush=True)
             out.append((name, c, *cells.values()))
