@@ -43,10 +43,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from mome_ray.errors import MomeError
+from mome_ray.inference import hidden, linear_t
 from mome_ray.models import ModelConfig, build_gpt2, kv_cache
 
 COMMON = "common"  # the name of the always-on expert of MoE-CE
@@ -152,7 +152,9 @@ class JEETModel(nn.Module):
 
     def head(self, h: torch.Tensor) -> torch.Tensor:
         """The shared LM head: (b, T, C) last hidden states -> (b, T, V) logits."""
-        return self.lm_head(h) if self.lm_head is not None else F.linear(h, self.wte.weight)
+        if self.lm_head is not None:
+            return linear_t(h, self.lm_head.weight, self.lm_head.bias)
+        return linear_t(h, self.wte.weight)
 
     def active_params(self, names: list[str], with_common: bool) -> int:
         """Parameters one sequence runs through: the shared parts plus the named stacks and their own parts."""
@@ -222,6 +224,9 @@ class JEETModel(nn.Module):
         from transformers.masking_utils import create_causal_mask
 
         past = kv_cache(cache, name, self.gpt2_config)
+        if not self.training:  # the same arithmetic without HF's per-call machinery
+            return hidden(self.wte, self._part("wpe", name), self.stacks[name], self._part("ln_f", name), input_ids,
+                          attention_mask, past, positions)
         pos = positions
         if pos is None:
             start = past.get_seq_length() if past is not None else 0

@@ -58,6 +58,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mome_ray.errors import MomeError
+from mome_ray.inference import hidden, linear_t, supports
 from mome_ray.jeet import COMMON
 from mome_ray.models import kv_cache, n_params
 from mome_ray.training import lm_loss
@@ -173,6 +174,10 @@ class PLEExperts(nn.Module):
                             "that is MoE-CE (a JEETModel with common=True)")
         model = self.models[name]
         past = kv_cache(cache, name, model.config)
+        if not model.training and supports(model.config):  # the same arithmetic without HF's per-call machinery
+            t = model.transformer
+            h = hidden(t.wte, t.wpe, t.h, t.ln_f, input_ids, attention_mask, past, positions)
+            return linear_t(h[:, -1:] if last else h, model.lm_head.weight)
         return model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions, past_key_values=past,
                      use_cache=past is not None, logits_to_keep=int(last)).logits
 
