@@ -8,7 +8,9 @@ each forced to expert fr (routed top-1 runs the same stacks). Prompts: 41 token 
   1. one request alone: 16 and 32 new tokens, mean of REPEAT runs; ratio to the teacher;
   2. what a prefill and a decode step cost by their rows (1, 4, 8, 16), best of 3: the teacher, MoE-CE
      forced to fr, and MoE-CE with its rows over en/fr/de/py in turn (routed traffic: each language's stack
-     runs on its rows, the common stack and the head once over the batch);
+     runs on its rows, the common stack and the head once over the batch); and the decode step through HF's
+     GPT-2 modules instead of inference.py's blocks (the models in train mode: `small` has no dropout, so the
+     arithmetic is the same; MoE-CE's head is the cached transposed one either way);
   3. CLIENTS clients in a closed loop (each sends its next request when its last one ends), max_new_tokens
      cycling LENGTHS, a decode batch of at most 8: p50/p99 latency and tokens/s, continuous vs static.
 """
@@ -108,14 +110,18 @@ def main(argv: list[str] | None = None) -> None:
         print(f"| {name} | {ms[16]:.1f} | {ms[16] / base[16]:.2f}x | {ms[32]:.1f} | {ms[32] / base[32]:.2f}x |",
               flush=True)
     print("\n### What a step costs by its rows (the prompts prefilled together, then decode steps)\n")
-    print("| model | rows | prefill ms | decode step ms | step / 1-row step |\n|---|---|---|---|---|")
+    print("| model | rows | prefill ms | decode step ms | step / 1-row step | HF's blocks: step ms | ours / HF's |\n"
+          "|---|---|---|---|---|---|---|")
     for label, name, force in (("teacher", "teacher", "teacher"), ("MoE-CE, fr", "MoE-CE", "fr"),
                                ("MoE-CE, en/fr/de/py", "MoE-CE", ("en", "fr", "de", "py"))):
-        one = None
+        one, moe = None, models[name][0]
         for rows in STEP_ROWS:
-            prefill, step = min((step_cost(models[name][0], force, rows) for _ in range(3)), key=lambda c: c[1])
+            prefill, step = min((step_cost(moe, force, rows) for _ in range(3)), key=lambda c: c[1])
+            hf = min(step_cost(moe.train(), force, rows)[1] for _ in range(3))  # train mode: HF's modules
+            moe.eval()
             one = one or step
-            print(f"| {label} | {rows} | {prefill:.1f} | {step:.2f} | {step / one:.2f}x |", flush=True)
+            print(f"| {label} | {rows} | {prefill:.1f} | {step:.2f} | {step / one:.2f}x | {hf:.2f} | {step / hf:.2f}x |",
+                  flush=True)
     print(f"\n### {CLIENTS} clients in a closed loop, max_new_tokens cycling {list(LENGTHS)}, a batch of at most 8 "
           f"({n_requests} requests)\n")
     print("| model | batching | p50 ms | p99 ms | tokens/s |\n|---|---|---|---|---|")
