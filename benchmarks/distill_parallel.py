@@ -74,7 +74,7 @@ def main() -> None:
             rows.append((label, wall, util))
             print(f"  {label:<11} {wall:7.1f} s   CPU utilisation {util:5.1%}", flush=True)
     (_, par, _), (_, seq, _) = rows
-    print(f"\n| mode | wall s | CPU util |\n|---|---|---|")
+    print("\n| mode | wall s | CPU util |\n|---|---|---|")
     for label, wall, util in rows:
         print(f"| {label} | {wall:.1f} | {util:.0%} |")
     print(f"\nspeed-up concurrent vs sequential: {seq / par:.2f}x (sequential / concurrent wall time)")

@@ -47,7 +47,7 @@ from mome_ray.models import ModelConfig
 from mome_ray.moe import Router
 from mome_ray.regimes import REGIMES
 from mome_ray.storage import RunStore
-from mome_ray.training import Progress, TrainConfig, eval_metrics, lm_train_step, perplexity
+from mome_ray.training import Progress, TrainConfig, eval_metrics, lm_train_step
 
 
 @dataclass

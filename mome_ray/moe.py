@@ -408,10 +408,10 @@ class MoE(nn.Module):
             groups, states = self._states(input_ids, attention_mask, plan, last, cache, positions)
             if plan.mix != "probs":  # Σ_m w_m·h_m per row (top-1: its one member's), then the head once
                 h = states[0].new_zeros(len(input_ids), *states[0].shape[1:])
-                for (m, rows), hidden in zip(groups, states):
-                    h = h.index_add(0, rows, hidden * plan.weights[rows, m].to(hidden.dtype)[:, None, None])
+                for (m, rows), state in zip(groups, states):
+                    h = h.index_add(0, rows, state * plan.weights[rows, m].to(state.dtype)[:, None, None])
                 return self.experts.head(h)
-            members = [(m, rows, self.experts.head(hidden)) for (m, rows), hidden in zip(groups, states)]
+            members = [(m, rows, self.experts.head(state)) for (m, rows), state in zip(groups, states)]
         else:
             members = self._groups(self.experts.logits, input_ids, attention_mask, positions, plan, last=last,
                                    cache=cache)
