@@ -36,9 +36,15 @@ def hidden(wte, wpe, blocks, ln_f, input_ids: torch.Tensor, attention_mask: torc
     queries = input_ids.shape[1]
     cached = cache.get_seq_length() if cache is not None else 0
     if positions is None:
-        positions = torch.arange(cached, cached + queries, device=input_ids.device).unsqueeze(0)
+        positions = next_positions(cache, input_ids)
     x = run_blocks(blocks, wte(input_ids) + wpe(positions), cache, attention(attention_mask, queries, cached + queries))
     return ln_f(x)
+
+
+def next_positions(cache, input_ids: torch.Tensor) -> torch.Tensor:
+    """(1, T) positions of `input_ids` following the tokens already in `cache` (a `DynamicCache` or None)."""
+    start = cache.get_seq_length() if cache is not None else 0
+    return torch.arange(start, start + input_ids.shape[1], device=input_ids.device).unsqueeze(0)
 
 
 def attention(attention_mask: torch.Tensor | None, queries: int, length: int) -> torch.Tensor | None:

@@ -46,7 +46,7 @@ import torch
 from torch import nn
 
 from mome_ray.errors import MomeError
-from mome_ray.inference import hidden, linear_t
+from mome_ray.inference import hidden, linear_t, next_positions
 from mome_ray.models import ModelConfig, build_gpt2, kv_cache
 
 COMMON = "common"  # the name of the always-on expert of MoE-CE
@@ -221,16 +221,13 @@ class JEETModel(nn.Module):
                positions: torch.Tensor | None = None):
         """Embed, run stack `name`, final LayerNorm: (b, T) ids -> (b, T, C); with `cache`, after the tokens
         cached under `name` (their positions continue theirs unless `positions` says otherwise)."""
-        from transformers.masking_utils import create_causal_mask
-
         past = kv_cache(cache, name, self.gpt2_config)
         if not self.training:  # the same arithmetic without HF's per-call machinery
             return hidden(self.wte, self._part("wpe", name), self.stacks[name], self._part("ln_f", name), input_ids,
                           attention_mask, past, positions)
-        pos = positions
-        if pos is None:
-            start = past.get_seq_length() if past is not None else 0
-            pos = torch.arange(start, start + input_ids.shape[1], device=input_ids.device).unsqueeze(0)  # (1, T)
+        from transformers.masking_utils import create_causal_mask
+
+        pos = positions if positions is not None else next_positions(past, input_ids)
         x = self.drop(self.wte(input_ids) + self._part("wpe", name)(pos))  # (b, T, C)
         mask = create_causal_mask(config=self.gpt2_config, inputs_embeds=x, attention_mask=attention_mask,
                                   past_key_values=past, position_ids=pos)

@@ -7,6 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from mome_ray.decoding import pad_rows
 from mome_ray.inference import attention, linear_t
 from mome_ray.jeet import JEETParts
 from mome_ray.models import kv_cache
@@ -26,13 +27,9 @@ def both(bank, fn):
 
 
 def padded(left: bool):
-    """Three rows of 9, 5 and 1 real tokens, padded to 9 on the left or the right, with positions and mask."""
-    lengths, ids = [9, 5, 1], torch.randint(2, V, (3, 9), generator=torch.Generator().manual_seed(1))
-    mask = torch.zeros(3, 9, dtype=torch.long)
-    for i, n in enumerate(lengths):
-        mask[i, slice(9 - n, 9) if left else slice(0, n)] = 1
-    positions = (mask.cumsum(1) - 1).clamp(min=0)
-    return ids, mask, positions
+    """(ids, mask, positions) of three rows of 9, 5 and 1 real tokens, padded to 9 on the left or the right."""
+    ids = torch.randint(2, V, (3, 9), generator=torch.Generator().manual_seed(1)).tolist()
+    return pad_rows([ids[0], ids[1][:5], ids[2][:1]], left=left)
 
 
 @pytest.mark.parametrize("name", list(BANKS))
